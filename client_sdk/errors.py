@@ -1,0 +1,26 @@
+"""Typed errors raised by the client SDK (and by the wire decoder on the server)."""
+
+
+class VeilError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class WireFormatError(VeilError, ValueError):
+    """A payload is malformed: bad magic or version, bad sizes, or settings that do not match."""
+
+
+class BudgetExceededError(VeilError):
+    """Sending would spend more privacy than the ledger allows; nothing was sent."""
+
+
+class BundleError(VeilError):
+    """The server's client bundle is unusable: bad hash, missing file, or unknown settings."""
+
+
+class ServerError(VeilError):
+    """The server answered with an error; `status_code` and `detail` say which."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"server returned {status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
