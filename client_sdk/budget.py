@@ -59,7 +59,8 @@ class BudgetLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout
         with self._transaction() as db:
-            db.executescript(_SCHEMA)
+            for statement in _SCHEMA.split(";"):
+                db.execute(statement)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -34,7 +34,7 @@ def calibrate_scale(mu: float, bits: int, dim: int, clip: float) -> float:
 
 @dataclass(frozen=True)
 class MechanismParams:
-    """Settings of one mechanism: n bits, k dimensions, clip c and scale A (float32-exact)."""
+    """Settings of one mechanism: n bits, k dimensions, clip c and scale A, held as the float32 values the wire carries."""
 
     bits: int
     dim: int
@@ -42,6 +42,9 @@ class MechanismParams:
     scale: float
 
     def __post_init__(self) -> None:
+        # The wire carries c and A as float32; hold exactly those values (A rounded up, never loosening privacy).
+        object.__setattr__(self, "clip", float(np.float32(self.clip)))
+        object.__setattr__(self, "scale", _float32_ceil(self.scale))
         if not (isinstance(self.bits, int) and 1 <= self.bits <= MAX_BITS):
             raise ValueError(f"bits must be an integer in 1..{MAX_BITS}, got {self.bits!r}")
         if not (isinstance(self.dim, int) and self.dim >= 1):
@@ -55,7 +58,7 @@ class MechanismParams:
     def from_mu(cls, mu: float, *, bits: int, dim: int, clip: float) -> "MechanismParams":
         """Calibrate A for a target per-token mu (CLT), rounded up to float32 as the wire carries it."""
         clip = float(np.float32(clip))
-        return cls(bits=bits, dim=dim, clip=clip, scale=_float32_ceil(calibrate_scale(mu, bits, dim, clip)))
+        return cls(bits=bits, dim=dim, clip=clip, scale=calibrate_scale(mu, bits, dim, clip))
 
     @property
     def levels(self) -> int:

@@ -1,0 +1,133 @@
+"""Accounting checked against closed forms, brute force, dp-accounting, and the reference values."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import special, stats
+from typer.testing import CliRunner
+
+from client_sdk.accounting import binomial, gdp, pld, privacy_report
+from client_sdk.cli import cli
+from client_sdk.mechanism import MechanismParams
+
+
+def paper_setting(mu: float) -> MechanismParams:
+    return MechanismParams.from_mu(mu, bits=4, dim=128, clip=0.05)
+
+
+def worst_case(params: MechanismParams) -> tuple[int, float]:
+    return params.levels * params.dim, params.worst_case_p
+
+
+@pytest.mark.parametrize(
+    ("mu", "tokens", "expected"), [(1.0, 1, 4.373), (1.0, 64, 65.31), (5.0, 1, 32.98)]
+)
+def test_reference_values(mu: float, tokens: int, expected: float) -> None:
+    report = privacy_report(paper_setting(mu), tokens=tokens, delta=1e-5)
+    assert report.epsilon == pytest.approx(expected, abs=0.006)
+
+
+def test_one_trial_is_randomized_response() -> None:
+    # N = 1: P = Bern(p), Q = Bern(1-p); delta(eps) = p - e^eps (1-p), so eps(delta) = log((p - delta)/(1 - p)).
+    p, delta = 0.8, 0.01
+    assert binomial.epsilon_for_delta(1, p, delta) == pytest.approx(math.log((p - delta) / (1 - p)), rel=1e-12)
+    assert binomial.delta_for_epsilon(1, p, 0.5) == pytest.approx(p - math.exp(0.5) * (1 - p), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 7, 30, 301])
+@pytest.mark.parametrize("p", [0.51, 0.6, 0.95])
+def test_hockey_stick_matches_brute_force(n: int, p: float) -> None:
+    x = np.arange(n + 1)
+    pmf_p, pmf_q = stats.binom.pmf(x, n, p), stats.binom.pmf(x, n, 1 - p)
+    for eps in (0.0, 0.1, 1.0, 3.0, 10.0):
+        brute = np.maximum(pmf_p - np.exp(eps) * pmf_q, 0).sum()
+        assert binomial.delta_for_epsilon(n, p, eps) == pytest.approx(brute, rel=1e-9, abs=1e-300)
+
+
+def test_epsilon_inverts_delta_in_the_loose_regime() -> None:
+    # The paper's regime: epsilon in the hundreds to tens of thousands.
+    for mu, tokens in ((20.0, 1), (60.0, 1), (60.0, 64)):
+        trials, p = worst_case(paper_setting(mu))
+        eps = binomial.epsilon_for_delta(tokens * trials, p, 1e-5)
+        assert 100 < eps < 1e6 and math.isfinite(eps)
+        assert binomial.delta_for_epsilon(tokens * trials, p, eps) == pytest.approx(1e-5, rel=1e-6)
+        assert binomial.delta_for_epsilon(tokens * trials, p, eps * 0.999) > 1e-5
+
+
+def test_naive_tail_underflows_where_the_log_space_one_does_not() -> None:
+    trials, p = worst_case(paper_setting(60.0))
+    x = int(0.75 * trials)
+    assert stats.binom.sf(x - 1, trials, 1 - p) == 0.0  # what naive code would use: silently 0
+    log_tail = binomial.log_sf(trials, 1 - p, x)
+    exact = special.logsumexp(stats.binom.logpmf(np.arange(x, trials + 1), trials, 1 - p))
+    assert log_tail == pytest.approx(exact, rel=1e-10) and log_tail < -745
+
+
+def test_dp_accounting_composition_agrees_and_is_pessimistic() -> None:
+    for mu in (1.0, 20.0, 60.0):
+        trials, p = worst_case(paper_setting(mu))
+        for tokens in (1, 64):
+            exact = binomial.epsilon_for_delta(tokens * trials, p, 1e-5)
+            composed = pld.composed_epsilon(trials, p, tokens, 1e-5)
+            assert exact <= composed <= exact * 1.01 + 0.01
+
+
+def test_gdp_closed_forms() -> None:
+    # delta(0) of mu-GDP is 2*Phi(mu/2) - 1
+    assert math.exp(gdp.log_delta_for_epsilon(1.0, 0.0)) == pytest.approx(2 * stats.norm.cdf(0.5) - 1, rel=1e-12)
+    for mu in (0.5, 1.0, 8.0, 60.0, 480.0):
+        eps = gdp.epsilon_for_delta(mu, 1e-5)
+        assert math.isfinite(eps) and math.exp(gdp.log_delta_for_epsilon(mu, eps)) == pytest.approx(1e-5, rel=1e-8)
+    assert gdp.clt_mu(4, 128, 0.05, paper_setting(5.0).scale) == pytest.approx(5.0, rel=1e-6)
+
+
+def test_berry_esseen_gamma_bounds_the_actual_clt_error() -> None:
+    for mu in (1.0, 60.0):
+        trials, p = worst_case(paper_setting(mu))
+        x = np.arange(trials + 1)
+        sd = math.sqrt(trials * p * (1 - p))
+        cdf = stats.binom.cdf(x, trials, p)
+        normal = stats.norm.cdf((x - trials * p) / sd)
+        normal_left = stats.norm.cdf((x + 1 - trials * p) / sd)  # the sup is attained just below each jump
+        kolmogorov = max(np.abs(cdf - normal).max(), np.abs(cdf - normal_left).max())
+        assert kolmogorov <= gdp.berry_esseen_gamma(trials, p)
+
+
+def test_tradeoff_curve_is_symmetric_and_dominated_by_the_fitted_gdp() -> None:
+    trials, p = worst_case(paper_setting(1.0))
+    alpha = np.linspace(0, 1, 2001)
+    f = binomial.tradeoff_curve(trials, p, alpha)
+    assert np.allclose(binomial.tradeoff_curve(trials, p, f), alpha, atol=1e-9)  # f is its own inverse
+    mu = binomial.fitted_gdp_mu(trials, p)
+    gaussian = lambda m: stats.norm.cdf(stats.norm.isf(alpha) - m)  # noqa: E731
+    assert np.all(f >= gaussian(mu) - 1e-12)
+    assert np.any(f < gaussian(mu * 0.99))  # and it is tight
+    assert mu == pytest.approx(1.0, rel=0.01)
+
+
+def test_fitted_mu_stays_finite_in_the_loose_regime() -> None:
+    trials, p = worst_case(paper_setting(60.0))
+    assert 30 < binomial.fitted_gdp_mu(trials, p) < 80
+
+
+def test_report_and_cli_json() -> None:
+    result = CliRunner().invoke(
+        cli, ["privacy", "--bits", "4", "--dim", "128", "--clip", "0.05", "--mu", "1", "--tokens", "64",
+              "--delta", "1e-5", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["epsilon"] == pytest.approx(65.31, abs=0.006)
+    assert report["epsilon_per_token"] == pytest.approx(4.373, abs=0.001)
+    assert report["mu_clt"] == pytest.approx(1.0, rel=1e-6) and 0 < report["gamma"] < 0.05
+    assert report["A"] == pytest.approx(0.05 * math.sqrt(4 * 15 * 128 + 1), rel=1e-6)
+    assert report["bits_sent"] == 4 * 128 * 64
+
+
+def test_cli_rejects_bad_arguments() -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["privacy", "--mu", "1", "--scale", "2"]).exit_code == 2
+    bad_bits = runner.invoke(cli, ["privacy", "--mu", "1", "--bits", "9"])
+    assert bad_bits.exit_code == 2 and "bits" in bad_bits.output

@@ -1,0 +1,73 @@
+"""The mechanism's statistics against closed forms, with tolerances from standard errors."""
+
+import math
+
+import numpy as np
+import pytest
+
+from client_sdk.mechanism import MechanismParams, calibrate_scale, dequantize, quantize, secure_rng
+
+Z = 5.0  # a 5-sigma band: a correct implementation fails about once in 1.7 million checks
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_dequantized_is_unbiased_with_the_stated_variance(bits: int) -> None:
+    params = MechanismParams(bits=bits, dim=7, clip=0.5, scale=1.3)
+    v = np.array([-0.5, -0.3, -0.1, 0.0, 0.2, 0.4, 0.5])
+    samples = 200_000
+    estimates = dequantize(quantize(np.tile(v, (samples, 1)), params, secure_rng(1234 + bits)), params).astype(np.float64)
+
+    u, a = params.levels, params.scale
+    p = (a + v) / (2 * a)
+    variance = (a**2 - v**2) / u
+    assert np.allclose(variance, (2 * a / u) ** 2 * u * p * (1 - p))  # the closed form is the binomial's, rescaled
+    mean_se = np.sqrt(variance / samples)
+    assert np.all(np.abs(estimates.mean(axis=0) - v) < Z * mean_se)
+
+    fourth = (2 * a / u) ** 4 * u * p * (1 - p) * (1 + 3 * (u - 2) * p * (1 - p))
+    var_se = np.sqrt((fourth - variance**2) / samples)
+    # plus the second-order term from estimating the mean (it alone remains when u=1, v=0: every draw is +-A)
+    tolerance = Z * var_se + Z**2 * variance / samples
+    assert np.all(np.abs(estimates.var(axis=0, ddof=1) - variance) < tolerance)
+
+
+def test_values_outside_the_clip_are_clipped() -> None:
+    params = MechanismParams(bits=2, dim=2, clip=0.1, scale=0.2)
+    samples = 100_000
+    estimates = dequantize(quantize(np.tile([5.0, -5.0], (samples, 1)), params, secure_rng(7)), params)
+    se = math.sqrt((0.2**2 - 0.1**2) / params.levels / samples)
+    assert abs(estimates[:, 0].mean() - 0.1) < Z * se
+    assert abs(estimates[:, 1].mean() + 0.1) < Z * se
+
+
+def test_levels_stay_in_range_and_fit_n_bits() -> None:
+    params = MechanismParams.from_mu(50.0, bits=3, dim=64, clip=0.05)
+    levels = quantize(np.random.default_rng(0).normal(size=(100, 64)), params, secure_rng(1))
+    assert levels.dtype == np.uint8 and levels.max() <= 7 and levels.min() >= 0
+
+
+def test_calibration_gives_the_requested_clt_mu() -> None:
+    for mu in (0.5, 1.0, 5.0, 52.0):
+        params = MechanismParams.from_mu(mu, bits=4, dim=128, clip=0.05)
+        assert params.scale == pytest.approx(calibrate_scale(mu, 4, 128, params.clip), rel=1e-6)
+        # A is rounded *up* to float32, so the achieved mu never exceeds the request
+        assert params.mu_clt <= mu and params.mu_clt == pytest.approx(mu, rel=1e-6)
+        assert np.float32(params.scale) == params.scale
+
+
+def test_fresh_seed_per_call_and_reproducible_test_seed() -> None:
+    params = MechanismParams.from_mu(5.0, bits=4, dim=64, clip=0.05)
+    z = np.zeros((50, 64))
+    assert not np.array_equal(quantize(z, params, secure_rng()), quantize(z, params, secure_rng()))
+    assert np.array_equal(quantize(z, params, secure_rng(3)), quantize(z, params, secure_rng(3)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(bits=0, dim=4, clip=0.1, scale=1.0), dict(bits=9, dim=4, clip=0.1, scale=1.0),
+     dict(bits=4, dim=0, clip=0.1, scale=1.0), dict(bits=4, dim=4, clip=0.1, scale=0.1),
+     dict(bits=4, dim=4, clip=-1.0, scale=1.0), dict(bits=4, dim=4, clip=0.1, scale=float("inf"))],
+)
+def test_invalid_settings_raise(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        MechanismParams(**kwargs)

@@ -1,0 +1,35 @@
+"""The client SDK runs on a device without torch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BLOCK_AND_USE = """
+import sys
+
+class Blocker:  # a device without torch: importing it (or the server's stack) fails
+    BLOCKED = ("torch", "transformers", "fastapi")
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+import numpy as np
+import client_sdk
+from client_sdk.mechanism import MechanismParams
+from client_sdk.privatize import privatize_tokens
+params = MechanismParams.from_mu(5.0, bits=4, dim=8, clip=0.05)
+data = privatize_tokens(np.array([0, 1]), np.zeros((4, 8), np.float32), params, "00" * 8)
+report = client_sdk.privacy_report(params, tokens=2)
+assert len(data) == 30 + 8 and report.epsilon > 0
+assert not any(m.split(".")[0] in Blocker.BLOCKED for m in sys.modules)
+print("ok")
+"""
+
+
+def test_client_sdk_imports_and_works_without_torch() -> None:
+    out = subprocess.run([sys.executable, "-c", BLOCK_AND_USE], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,91 @@
+"""The wire format: exact sizes, round trips over (n, k, T), and a typed error for every malformation."""
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client_sdk import wire
+from client_sdk.errors import WireFormatError
+from client_sdk.mechanism import MechanismParams
+
+PID = "0123456789abcdef"
+
+
+def make_payload(bits: int = 4, dim: int = 8, tokens: int = 3, seed: int = 0) -> wire.Payload:
+    params = MechanismParams(bits=bits, dim=dim, clip=0.05, scale=0.5)
+    levels = np.random.default_rng(seed).integers(0, params.levels + 1, size=(tokens, dim), dtype=np.uint8)
+    return wire.Payload(params=params, projection_id=PID, levels=levels)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bits=st.integers(1, 8), dim=st.integers(1, 300), tokens=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_round_trip_and_exact_size(bits: int, dim: int, tokens: int, seed: int) -> None:
+    payload = make_payload(bits, dim, tokens, seed)
+    data = wire.encode(payload)
+    assert len(data) == wire.HEADER.size + -(-tokens * dim * bits // 8) == wire.payload_size(tokens, dim, bits)
+    back = wire.decode(data, expected_dim=dim, projection_ids={PID})
+    assert back.params == payload.params and back.projection_id == PID
+    assert np.array_equal(back.levels, payload.levels)
+
+
+def test_bit_order_is_msb_first() -> None:
+    assert wire.pack_levels(np.array([1, 2, 3], dtype=np.uint8), 2) == bytes([0b01101100])
+    assert wire.pack_levels(np.array([15, 0, 9], dtype=np.uint8), 4) == bytes([0xF0, 0x90])
+
+
+def patch_header(data: bytes, **fields: object) -> bytes:
+    names = ["magic", "version", "bits", "flags", "dim", "tokens", "clip", "scale", "pid"]
+    values = dict(zip(names, wire.HEADER.unpack_from(data)))
+    values.update(fields)
+    return wire.HEADER.pack(*(values[n] for n in names)) + data[wire.HEADER.size :]
+
+
+GOOD = wire.encode(make_payload())
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "shorter than"),
+        (GOOD[:10], "shorter than"),
+        (patch_header(GOOD, magic=b"NOPE"), "bad magic"),
+        (patch_header(GOOD, version=2), "unsupported wire version"),
+        (patch_header(GOOD, bits=0), "outside 1..8"),
+        (patch_header(GOOD, bits=9), "outside 1..8"),
+        (patch_header(GOOD, flags=1), "unknown flags"),
+        (patch_header(GOOD, dim=9), "does not match"),
+        (patch_header(GOOD, pid=b"\xff" * 8), "unknown projection id"),
+        (patch_header(GOOD, tokens=0), "no tokens"),
+        (patch_header(GOOD, tokens=10_000), "over the limit"),
+        (patch_header(GOOD, scale=0.01), "need 0 < c < A"),
+        (patch_header(GOOD, clip=float("nan")), "need 0 < c < A"),
+        (GOOD[:-1], "truncated"),
+        (GOOD + b"\x00", "trailing"),
+    ],
+)
+def test_malformed_payloads_are_rejected_with_a_clear_message(data: bytes, message: str) -> None:
+    with pytest.raises(WireFormatError, match=message):
+        wire.decode(data, expected_dim=8, projection_ids={PID}, max_tokens=4096)
+
+
+def test_nonzero_padding_is_rejected() -> None:
+    data = wire.encode(make_payload(bits=3, dim=5, tokens=1))  # 15 bits: one padding bit
+    with pytest.raises(WireFormatError, match="padding"):
+        wire.decode(data[:-1] + bytes([data[-1] | 1]))
+
+
+def test_encode_refuses_levels_that_do_not_fit() -> None:
+    payload = make_payload(bits=2)
+    bad = wire.Payload(payload.params, PID, np.full((1, 8), 4, dtype=np.uint8))
+    with pytest.raises(WireFormatError):
+        wire.encode(bad)
+    with pytest.raises(WireFormatError, match="projection id"):
+        wire.encode(wire.Payload(payload.params, "xyz", payload.levels))
+
+
+def test_header_layout_is_30_bytes_big_endian() -> None:
+    assert wire.HEADER.size == 30
+    assert GOOD[:4] == b"VEIL" and GOOD[4] == 1 and struct.unpack("!H", GOOD[8:10])[0] == 8
