@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -103,16 +104,10 @@ def encode(payload: Payload) -> bytes:
     return header + pack_levels(levels, p.bits)
 
 
-def decode(
-    data: bytes,
-    *,
-    expected_dim: int | None = None,
-    projection_ids: set[str] | frozenset[str] | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-) -> Payload:
+def decode(data: bytes, *, projections: Mapping[str, int] | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> Payload:
     """Parse and validate a payload; every problem raises `WireFormatError` with a clear message.
 
-    `expected_dim` and `projection_ids` are what the server's bundle offers; `max_tokens` bounds T.
+    `projections` maps the projection ids the server offers to their k; `max_tokens` bounds T.
     """
     if len(data) < HEADER.size:
         raise WireFormatError(f"payload is {len(data)} bytes, shorter than the {HEADER.size}-byte header")
@@ -125,11 +120,12 @@ def decode(
         raise WireFormatError(f"bits n={bits} outside 1..{MAX_BITS}")
     if flags != 0:
         raise WireFormatError(f"unknown flags 0x{flags:04x} for wire version {VERSION}")
-    if dim == 0 or (expected_dim is not None and dim != expected_dim):
-        raise WireFormatError(f"dim k={dim} does not match the bundle's k={expected_dim}")
     projection_id = pid.hex()
-    if projection_ids is not None and projection_id not in projection_ids:
-        raise WireFormatError(f"unknown projection id {projection_id}; the bundle offers {sorted(projection_ids)}")
+    if projections is not None and projection_id not in projections:
+        raise WireFormatError(f"unknown projection id {projection_id}; the bundle offers {sorted(projections)}")
+    if dim == 0 or (projections is not None and dim != projections[projection_id]):
+        expected = projections[projection_id] if projections is not None else "at least 1"
+        raise WireFormatError(f"dim k={dim} does not match the projection's k={expected}")
     if tokens == 0:
         raise WireFormatError("payload carries no tokens")
     if tokens > max_tokens:

@@ -55,7 +55,7 @@ class FakeServer:
             return httpx.Response(200, content=self.table_bytes)
         if path == "/v1/generate":
             try:
-                payload = wire.decode(request.content, expected_dim=DIM, projection_ids={self.info.projections[0].id})
+                payload = wire.decode(request.content, projections={self.info.projections[0].id: DIM})
             except wire.WireFormatError as err:
                 return httpx.Response(400, json={"error": "bad_payload", "detail": str(err)})
             self.received.append(payload)

@@ -26,7 +26,7 @@ def test_round_trip_and_exact_size(bits: int, dim: int, tokens: int, seed: int) 
     payload = make_payload(bits, dim, tokens, seed)
     data = wire.encode(payload)
     assert len(data) == wire.HEADER.size + -(-tokens * dim * bits // 8) == wire.payload_size(tokens, dim, bits)
-    back = wire.decode(data, expected_dim=dim, projection_ids={PID})
+    back = wire.decode(data, projections={PID: dim})
     assert back.params == payload.params and back.projection_id == PID
     assert np.array_equal(back.levels, payload.levels)
 
@@ -68,7 +68,7 @@ GOOD = wire.encode(make_payload())
 )
 def test_malformed_payloads_are_rejected_with_a_clear_message(data: bytes, message: str) -> None:
     with pytest.raises(WireFormatError, match=message):
-        wire.decode(data, expected_dim=8, projection_ids={PID}, max_tokens=4096)
+        wire.decode(data, projections={PID: 8}, max_tokens=4096)
 
 
 def test_nonzero_padding_is_rejected() -> None:

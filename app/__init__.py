@@ -1,0 +1,1 @@
+"""veil server: reconstructs privatized prompts, prepends soft prompts, and generates."""

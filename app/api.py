@@ -1,0 +1,142 @@
+"""The HTTP API (FastAPI). Every error is a JSON body {"error", "detail"} with a 4xx status.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
+"""
+
+
+import json
+from contextlib import asynccontextmanager
+from typing import Annotated, AsyncIterator, Iterator
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from app.model_runner import GenerationParams, ModelRunner
+from app.service import InferenceService
+from app.settings import ServerSettings
+from client_sdk.errors import WireFormatError
+from client_sdk.schemas import BundleInfo, ErrorResponse, GenerateResponse
+
+ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+          415: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+PAYLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary", "description": "a veil wire-format payload"}}}}}
+
+
+def error(status: int, kind: str, detail: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content=ErrorResponse(error=kind, detail=detail).model_dump())
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"payload of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"payload exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def sse(event: str | None, data: str) -> str:
+    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
+
+
+def create_app(settings: ServerSettings | None = None, runner: ModelRunner | None = None) -> FastAPI:
+    """The app; loads `settings.model` at startup unless a ready `runner` is given (tests do)."""
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = runner or await run_in_threadpool(ModelRunner.load, settings.model, settings.cache_dir,
+                                                   settings.device)
+        app.state.service = InferenceService(loaded, settings)
+        yield
+
+    app = FastAPI(title="veil", version="0.1.0", lifespan=lifespan,
+                  description="Private split inference: the prompt arrives privatized by the DEL mechanism.")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                415: "unsupported_media_type", 422: "invalid_parameter"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, kind, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return error(422, "invalid_parameter", detail)
+
+    @app.exception_handler(WireFormatError)
+    async def wire_error(_: Request, exc: WireFormatError) -> JSONResponse:
+        return error(400, "bad_payload", str(exc))
+
+    def service(request: Request) -> InferenceService:
+        return request.app.state.service
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/bundle", response_model=BundleInfo, responses=ERRORS)
+    async def bundle(request: Request) -> BundleInfo:
+        """Metadata for the client: model, vocab, projections, soft prompts, and where the files are."""
+        return service(request).bundle
+
+    @app.get("/v1/bundle/tokenizer.json", responses=ERRORS)
+    async def tokenizer(request: Request) -> Response:
+        """The tokenizer (Hugging Face tokenizers JSON)."""
+        return Response(service(request).tokenizer_bytes, media_type="application/json")
+
+    @app.get("/v1/bundle/projections/{projection_id}", responses=ERRORS)
+    async def projected_table(request: Request, projection_id: str) -> Response:
+        """A projected table (vocab x k), safetensors: int8 `table` times per-column `scale`."""
+        published = service(request).projections.get(projection_id)
+        if published is None:
+            raise HTTPException(404, f"no projection {projection_id!r}")
+        return Response(published.table_bytes, media_type="application/octet-stream")
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, openapi_extra=PAYLOAD_BODY)
+    async def generate(
+        request: Request,
+        max_new_tokens: Annotated[int, Query(ge=1, le=settings.max_new_tokens)] = 64,
+        temperature: Annotated[float, Query(ge=0.0, le=5.0, description="0 means greedy")] = 0.0,
+        top_p: Annotated[float, Query(gt=0.0, le=1.0)] = 1.0,
+        seed: Annotated[int | None, Query(ge=0, lt=2**63)] = None,
+        stop: Annotated[list[str] | None, Query(max_length=8, description="stop strings")] = None,
+        stream: bool = False,
+    ) -> Response:
+        """Generate from a privatized prompt (binary body); `stream=true` answers with Server-Sent Events."""
+        svc = service(request)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type != "application/octet-stream":
+            raise HTTPException(415, f"the body must be application/octet-stream, got {content_type or 'none'!r}")
+        if stop and any(not s for s in stop):
+            raise HTTPException(422, "stop strings must not be empty")
+        body = await read_body(request, svc.max_payload_bytes)
+        prepared = await run_in_threadpool(svc.prepare, body)
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                  stop=tuple(stop or ()))
+        if not stream:
+            answer = await run_in_threadpool(svc.generate, prepared, params)
+            return JSONResponse(answer.model_dump())
+
+        def events() -> Iterator[str]:
+            pieces = svc.stream(prepared, params)
+            try:
+                while True:
+                    yield sse(None, json.dumps({"text": next(pieces)}))
+            except StopIteration as end:
+                yield sse("done", end.value.model_dump_json())
+            except Exception as exc:  # the status line is already sent: report in-band
+                yield sse("error", json.dumps({"error": "generation_failed", "detail": str(exc)}))
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app

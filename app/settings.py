@@ -1,0 +1,34 @@
+"""Server settings, from VEIL_* environment variables or a .env file (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "smollm2"
+
+
+class ServerSettings(BaseSettings):
+    """Everything `veil serve` can be told; each field is also VEIL_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="VEIL_", env_file=".env", extra="ignore")
+
+    model: str = DEFAULT_MODEL
+    """'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a Hugging Face model id, or a local directory."""
+    cache_dir: Path = Path.home() / ".cache" / "veil"
+    soft_prompt_dir: Path = REPO_ROOT / "soft_prompts"
+    device: str = "cpu"
+
+    projection_dim: int = 72
+    """k of the default PCA projection (b/8 for SmolLM2's b = 576)."""
+    clip: float = 2.0
+    """c: the default projection's coordinates are whitened, so c is in standard deviations."""
+    default_bits: int = 4
+    default_mu: float = 50.0
+
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512
+    host: str = "127.0.0.1"
+    port: int = 8000

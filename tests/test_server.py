@@ -1,0 +1,151 @@
+"""The server on the tiny model: end to end over loopback, the privacy path, and errors as 4xx JSON."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+from app.api import create_app
+from app.reconstruction import pca_projection
+from app.soft_prompts import SoftPrompt, select_soft_prompt
+from client_sdk import PrivateLLMClient, wire
+from client_sdk.mechanism import MechanismParams
+from tests.conftest import LoopbackServer
+
+
+def test_end_to_end_over_loopback(loopback, client_cache) -> None:
+    with PrivateLLMClient(loopback.url, cache_dir=client_cache, mu=20.0) as client:
+        result = client.generate("the capital of france is", max_new_tokens=5)
+        streamed = client.generate("the capital of france is", max_new_tokens=5, stream=True)
+        text = "".join(streamed)
+    assert result.completion_tokens >= 1 and result.prompt_tokens == 10
+    assert set(result.timings) >= {"decode", "reconstruct", "generate"}
+    assert result.privacy.epsilon > 0 and result.bytes_sent == wire.payload_size(10, 8, 4)
+    assert streamed.result is not None and streamed.result.text == text
+
+
+def test_greedy_generation_is_deterministic_and_sampling_follows_the_seed(loopback, client_cache) -> None:
+    with PrivateLLMClient(loopback.url, cache_dir=client_cache, mu=20.0, seed=5) as client:
+        prepared = client.prepare("hello world")
+    http = httpx.Client(base_url=loopback.url)
+
+    def ask(**params) -> str:
+        response = http.post("/v1/generate", params=params, content=prepared.payload,
+                             headers={"Content-Type": "application/octet-stream"})
+        assert response.status_code == 200, response.text
+        return response.json()["text"]
+
+    assert ask(max_new_tokens=8) == ask(max_new_tokens=8)
+    assert ask(max_new_tokens=8, temperature=1.0, seed=3) == ask(max_new_tokens=8, temperature=1.0, seed=3)
+
+
+def test_the_server_receives_exactly_the_codec_bytes(settings, runner, client_cache) -> None:
+    received: list[bytes] = []
+    app = create_app(settings, runner=runner)
+
+    @app.middleware("http")
+    async def record(request, call_next):
+        if request.url.path == "/v1/generate":
+            received.append(await request.body())
+        return await call_next(request)
+
+    with LoopbackServer(app) as server:
+        client = PrivateLLMClient(server.url, cache_dir=client_cache)
+        result = client.generate("the capital of france is", max_new_tokens=2)
+    body = received[0]
+    payload = wire.decode(body)
+    assert len(body) == wire.payload_size(payload.tokens, payload.params.dim, payload.params.bits) == result.bytes_sent
+    # n bits per coordinate: nothing resembling an embedding (b floats per token) ever arrives
+    assert len(body) - wire.HEADER.size == -(-payload.tokens * 8 * 4 // 8) < payload.tokens * runner.model.config.hidden_size
+
+
+def test_pca_projection_is_exact_at_full_width(runner) -> None:
+    table = runner.input_embeddings.detach()
+    full = pca_projection(table, table.shape[1], clip=1e6)
+    assert torch.allclose(full.reconstruct(full.project(table)), table, atol=1e-4)
+    z = pca_projection(table, 8, clip=2.0).project(table)
+    assert torch.allclose(z.std(dim=0), torch.ones(8), atol=1e-3)  # whitened
+
+
+def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, client_cache) -> None:
+    with TestClient(create_app(settings, runner=runner)) as http:
+        pid = http.get("/v1/bundle").json()["defaults"]["projection_id"]
+    for name, mu in (("loose", 50.0), ("strict", 2.0)):
+        folder = settings.soft_prompt_dir / name
+        folder.mkdir(parents=True)
+        save_file({"prompt_embeddings": torch.randn(3, 32)}, str(folder / "adapter_model.safetensors"))
+        (folder / "manifest.json").write_text(json.dumps({"model_id": "tiny-llama", "projection_id": pid,
+                                                          "bits": 4, "mu": mu}))
+    app = create_app(settings, runner=runner)
+    with LoopbackServer(app) as server:
+        client = PrivateLLMClient(server.url, cache_dir=client_cache, mu=30.0)
+        assert {s.name for s in client.bundle.info.soft_prompts} == {"loose", "strict"}
+        assert client.generate("hello", max_new_tokens=2).soft_prompt == "loose"
+        service = app.state.service
+        prepared = service.prepare(client.prepare("hello").payload)
+    assert prepared.embeddings.shape[0] == 3 + prepared.prompt_tokens
+    assert select_soft_prompt(service.soft_prompts, pid, 4, 3.0).name == "strict"
+    assert select_soft_prompt(service.soft_prompts, pid, 2, 3.0) is None
+
+
+@pytest.fixture
+def http(settings, runner):
+    with TestClient(create_app(settings, runner=runner)) as client:
+        yield client
+
+
+def good_payload(http) -> bytes:
+    info = http.get("/v1/bundle").json()
+    params = MechanismParams.from_mu(10.0, bits=4, dim=8, clip=2.0)
+    levels = np.zeros((3, 8), dtype=np.uint8)
+    return wire.encode(wire.Payload(params, info["defaults"]["projection_id"], levels))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "params", "status", "kind"),
+    [
+        (lambda b: b"garbage", {}, 400, "bad_payload"),
+        (lambda b: b[:-1], {}, 400, "bad_payload"),
+        (lambda b: b + b"\0", {}, 400, "bad_payload"),
+        (lambda b: b[:22] + b"\xff" * 8 + b[30:], {}, 400, "bad_payload"),
+        (lambda b: b"", {}, 400, "bad_payload"),
+        (lambda b: b, {"max_new_tokens": 0}, 422, "invalid_parameter"),
+        (lambda b: b, {"max_new_tokens": 10_000}, 422, "invalid_parameter"),
+        (lambda b: b, {"temperature": -1}, 422, "invalid_parameter"),
+        (lambda b: b, {"top_p": 0}, 422, "invalid_parameter"),
+        (lambda b: b, {"seed": "x"}, 422, "invalid_parameter"),
+        (lambda b: b, {"stop": ""}, 422, "invalid_parameter"),
+        (lambda b: b * 1000, {}, 413, "payload_too_large"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error(http, mutate, params, status, kind) -> None:
+    response = http.post("/v1/generate", params=params, content=mutate(good_payload(http)),
+                         headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == kind and response.json()["detail"]
+
+
+def test_wrong_content_type_and_unknown_routes(http) -> None:
+    response = http.post("/v1/generate", content=good_payload(http), headers={"Content-Type": "application/json"})
+    assert response.status_code == 415 and response.json()["error"] == "unsupported_media_type"
+    missing = http.get("/v1/bundle/projections/0000000000000000")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+def test_openapi_documents_the_binary_body(http) -> None:
+    spec = http.get("/openapi.json").json()
+    body = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
+    assert body["application/octet-stream"]["schema"]["format"] == "binary"
+
+
+def test_stop_strings_cut_the_answer(runner) -> None:
+    from app.model_runner import truncate_at_stop
+
+    assert truncate_at_stop("paris is a city", ("a c", "zzz")) == "paris is "
+    assert truncate_at_stop("paris", ()) == "paris"
