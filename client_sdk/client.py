@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Generator, Iterator
 
 import httpx
 from pydantic import BaseModel
@@ -91,6 +91,17 @@ class _ClientCore:
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR / "files"
         self._rng = secure_rng(seed) if seed is not None else None  # None: fresh OS seed per call
 
+    def fetch_bundle(self) -> Generator[str, httpx.Response, ClientBundle]:
+        """Sans-I/O: yields each URL to GET, is sent its response, returns the verified bundle."""
+        response = yield "/v1/bundle"
+        self.check(response)
+        info = BundleInfo.model_validate(response.json())
+        for url, sha, what in files_to_fetch(info, self.cache_dir):
+            response = yield url
+            self.check(response)
+            store_verified(self.cache_dir, response.content, sha, what)
+        return ClientBundle.from_cache(info, self.cache_dir)
+
     def prepare(self, bundle: ClientBundle, prompt: str, chat: bool) -> PreparedPrompt:
         params = bundle.mechanism(mu=self.mu, bits=self.bits, projection_id=self.projection_id)
         projection = bundle.projection(self.projection_id)
@@ -111,16 +122,19 @@ class _ClientCore:
         else:
             self.ledger.release(prepared.charge_id)
 
-    @staticmethod
-    def query(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-              stop: list[str] | None, stream: bool) -> dict:
+    def charged_request(self, http: httpx.Client | httpx.AsyncClient, prepared: PreparedPrompt, *,
+                        max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                        stop: list[str] | None, stream: bool) -> httpx.Request:
+        """Charge the budget (raising before anything is sent), then build the /v1/generate request."""
+        self.charge(prepared)
         params: dict = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                         "stream": str(stream).lower()}
         if seed is not None:
             params["seed"] = seed
         if stop:
             params["stop"] = stop
-        return params
+        return http.build_request("POST", "/v1/generate", params=params, content=prepared.payload,
+                                  headers={"Content-Type": "application/octet-stream"})
 
     @staticmethod
     def check(response: httpx.Response) -> None:
@@ -208,14 +222,13 @@ class PrivateLLMClient:
     def bundle(self) -> ClientBundle:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
-            response = self._http.get("/v1/bundle")
-            self._core.check(response)
-            info = BundleInfo.model_validate(response.json())
-            for url, sha, what in files_to_fetch(info, self._core.cache_dir):
-                file_response = self._http.get(url)
-                self._core.check(file_response)
-                store_verified(self._core.cache_dir, file_response.content, sha, what)
-            self._bundle = ClientBundle.from_cache(info, self._core.cache_dir)
+            steps = self._core.fetch_bundle()
+            url = next(steps)
+            while self._bundle is None:
+                try:
+                    url = steps.send(self._http.get(url))
+                except StopIteration as done:
+                    self._bundle = done.value
         return self._bundle
 
     def prepare(self, prompt: str, *, chat: bool = True) -> PreparedPrompt:
@@ -236,10 +249,9 @@ class PrivateLLMClient:
     ) -> GenerationResult | GenerationStream:
         """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
         prepared = self.prepare(prompt, chat=chat)
-        self._core.charge(prepared)
-        query = self._core.query(max_new_tokens, temperature, top_p, seed, stop, stream)
-        request = self._http.build_request("POST", "/v1/generate", params=query, content=prepared.payload,
-                                           headers={"Content-Type": "application/octet-stream"})
+        request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                                             stream=stream)
         try:
             response = self._http.send(request, stream=stream)
         except httpx.ConnectError:
@@ -311,14 +323,13 @@ class AsyncPrivateLLMClient:
     async def get_bundle(self) -> ClientBundle:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
-            response = await self._http.get("/v1/bundle")
-            self._core.check(response)
-            info = BundleInfo.model_validate(response.json())
-            for url, sha, what in files_to_fetch(info, self._core.cache_dir):
-                file_response = await self._http.get(url)
-                self._core.check(file_response)
-                store_verified(self._core.cache_dir, file_response.content, sha, what)
-            self._bundle = ClientBundle.from_cache(info, self._core.cache_dir)
+            steps = self._core.fetch_bundle()
+            url = next(steps)
+            while self._bundle is None:
+                try:
+                    url = steps.send(await self._http.get(url))
+                except StopIteration as done:
+                    self._bundle = done.value
         return self._bundle
 
     async def prepare(self, prompt: str, *, chat: bool = True) -> PreparedPrompt:
@@ -339,10 +350,9 @@ class AsyncPrivateLLMClient:
     ) -> GenerationResult | AsyncGenerationStream:
         """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
         prepared = await self.prepare(prompt, chat=chat)
-        self._core.charge(prepared)
-        query = self._core.query(max_new_tokens, temperature, top_p, seed, stop, stream)
-        request = self._http.build_request("POST", "/v1/generate", params=query, content=prepared.payload,
-                                           headers={"Content-Type": "application/octet-stream"})
+        request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                                             stream=stream)
         try:
             response = await self._http.send(request, stream=stream)
         except httpx.ConnectError:
