@@ -1,7 +1,6 @@
 """The clients against an in-process fake server (httpx.MockTransport) built from a random projection."""
 
 import asyncio
-import io
 import json
 from pathlib import Path
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from app.api import create_app
 from app.reconstruction import pca_projection
-from app.soft_prompts import SoftPrompt, select_soft_prompt
+from app.soft_prompts import select_soft_prompt
 from client_sdk import PrivateLLMClient, wire
 from client_sdk.mechanism import MechanismParams
 from tests.conftest import LoopbackServer

@@ -60,14 +60,14 @@ def _log_diff(log_a: float, log_b: float) -> float:
     return log_a + math.log1p(-math.exp(log_b - log_a)) if log_b < log_a else -math.inf
 
 
-def _log_ratio(p: float) -> float:
+def log_odds(p: float) -> float:
     """r = log(p / (1 - p)): the privacy loss grows by 2r per unit of X."""
     return math.log(p) - math.log1p(-p)
 
 
 def delta_for_epsilon(n: int, p: float, epsilon: float) -> float:
     """Exact hockey-stick divergence delta(epsilon) of Bin(n, p) vs Bin(n, 1-p), p > 1/2."""
-    r = _log_ratio(p)
+    r = log_odds(p)
     threshold = math.floor((epsilon / r + n) / 2) + 1  # smallest x with loss (2x - n) r > epsilon
     log_p_tail = log_sf(n, p, threshold)
     log_q_tail = log_sf(n, 1 - p, threshold)
@@ -84,7 +84,7 @@ def epsilon_for_delta(n: int, p: float, delta: float) -> float:
         raise ValueError(f"p must be in (1/2, 1), got {p}")
     if delta_for_epsilon(n, p, 0.0) <= delta:
         return 0.0
-    r = _log_ratio(p)
+    r = log_odds(p)
     log_delta = math.log(delta)
 
     def tails(t: int) -> tuple[float, float]:

@@ -15,7 +15,7 @@ import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import stats
 
-from client_sdk.accounting.binomial import _log_ratio
+from client_sdk.accounting.binomial import log_odds
 
 _TRUNCATION_NATS = -60.0
 
@@ -26,7 +26,7 @@ def binomial_pld(trials: int, p: float, buckets_per_step: int = 4) -> pld_lib.Pr
     log_upper = stats.binom.logpmf(x, trials, p)
     log_lower = log_upper[::-1]  # Bin(trials, 1-p) at x is Bin(trials, p) at trials - x
     keep = np.maximum(log_upper, log_lower) > _TRUNCATION_NATS
-    interval = _log_ratio(p) / buckets_per_step
+    interval = log_odds(p) / buckets_per_step
     return pld_lib.from_two_probability_mass_functions(
         dict(zip(x[keep].tolist(), log_lower[keep].tolist())),
         dict(zip(x[keep].tolist(), log_upper[keep].tolist())),
