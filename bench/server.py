@@ -57,9 +57,7 @@ def main() -> None:
     runner = ModelRunner.load(settings.model, settings.cache_dir)
     service = InferenceService(runner, settings)
     published = next(iter(service.projections.values()))
-    tmp = settings.cache_dir / "bench-table.safetensors"
-    tmp.write_bytes(published.table_bytes)
-    table = load_projected_table(tmp)
+    table = load_projected_table(published.table_bytes)
 
     ids = runner.tokenizer(TEXT).input_ids[: args.prompt_tokens]
     params = MechanismParams.from_mu(args.mu, bits=args.bits, dim=published.projection.dim,

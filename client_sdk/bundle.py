@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from safetensors.numpy import load_file
+from safetensors.numpy import load, load_file
 from tokenizers import Tokenizer
 
 from client_sdk.errors import BundleError
@@ -24,9 +24,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_projected_table(path: str | Path) -> np.ndarray:
-    """Read a projected table (safetensors): float16/float32 `table`, or int8 `table` times per-column `scale`."""
-    tensors = load_file(str(path))
+def load_projected_table(source: str | Path | bytes) -> np.ndarray:
+    """Read a projected table (safetensors file or bytes): float `table`, or int8 `table` times per-column `scale`."""
+    path = "table bytes" if isinstance(source, bytes) else source
+    tensors = load(source) if isinstance(source, bytes) else load_file(str(source))
     if "table" not in tensors:
         raise BundleError(f"{path}: no tensor named 'table'")
     table = tensors["table"].astype(np.float32)
