@@ -23,8 +23,6 @@ from client_sdk.wire import Payload
 class Projection:
     """W_enc (k x b), W_dec (b x k) and the mean embedding: z = W_enc (e - mean), e' = mean + W_dec z."""
 
-    name: str
-    kind: str
     encoder: torch.Tensor
     decoder: torch.Tensor
     mean: torch.Tensor
@@ -51,7 +49,7 @@ class Projection:
         return save({"table": table, "scale": scale})
 
 
-def pca_projection(embedding_table: torch.Tensor, dim: int, clip: float, name: str = "pca") -> Projection:
+def pca_projection(embedding_table: torch.Tensor, dim: int, clip: float) -> Projection:
     """Whitened PCA of the embedding table: the top-`dim` principal directions, each scaled to unit variance."""
     e = embedding_table.detach().double()
     if not 1 <= dim <= e.shape[1]:
@@ -62,7 +60,7 @@ def pca_projection(embedding_table: torch.Tensor, dim: int, clip: float, name: s
     top = torch.argsort(eigenvalues, descending=True)[:dim]
     std = eigenvalues[top].clamp_min(1e-12).sqrt()
     directions = eigenvectors[:, top]  # b x k, orthonormal columns
-    return Projection(name=name, kind="pca", encoder=(directions / std).T.float().contiguous(),
+    return Projection(encoder=(directions / std).T.float().contiguous(),
                       decoder=(directions * std).float().contiguous(), mean=mean.float(), clip=clip)
 
 

@@ -38,8 +38,8 @@ class InferenceService:
         published = [publish(p, table) for p in projections]
         self.projections: dict[str, PublishedProjection] = {p.id: p for p in published}
         self.soft_prompts = load_soft_prompts(settings.soft_prompt_dir, runner.model_id, table.shape[1])
-        self.tokenizer_bytes = runner.tokenizer.backend_tokenizer.to_str().encode()
         tokenizer = runner.tokenizer
+        self.tokenizer_bytes = tokenizer.backend_tokenizer.to_str().encode()
         self.bundle = BundleInfo(
             model_id=runner.model_id,
             vocab_size=table.shape[0],
