@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import TextIteratorStreamer
 
+from app.files import atomic_directory
 from app.settings import DEFAULT_MODEL
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,15 +41,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(model.config.__class__.from_dict(
         {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}))
     plain.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with atomic_directory(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"converted: {target}", file=sys.stderr, flush=True)
     return target
 

@@ -1,19 +1,24 @@
 """Projections (b -> k on the client's side, k -> b here) and the reconstruction of privatized prompts.
 
 A projection is an artifact with an id: the first 16 hex characters of the SHA-256 of its projected
-table file, the only part of it the client receives. Until trained projections exist the default is
-whitened PCA of the model's input-embedding table: each of the top-k principal coordinates is scaled
-to unit variance over the vocabulary, so one clip c (in standard deviations) fits all of them.
+table file, the only part of it the client receives. Trained projections (see app.training.projection)
+are artifacts in `projections/`; the fallback, and the training's starting point, is whitened PCA of the
+model's input-embedding table: each of the top-k principal coordinates is scaled to unit variance over
+the vocabulary, so one clip c (in standard deviations) fits all of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import save
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
+from app.artifacts import manifests, read_manifest, write_artifact
 from client_sdk.bundle import sha256_hex
 from client_sdk.mechanism import dequantize
 from client_sdk.wire import Payload
@@ -84,3 +89,27 @@ def reconstruct_payload(payload: Payload, projection: Projection) -> torch.Tenso
     """Dequantize the levels (A(2K/u - 1)) and decode them to (T x b) embeddings."""
     z = torch.from_numpy(dequantize(payload.levels, payload.params))
     return projection.reconstruct(z)
+
+
+PROJECTION_FILE = "projection.safetensors"
+
+
+def save_projection(projection: Projection, directory: Path, manifest: dict) -> None:
+    """Write a projection artifact: encoder, decoder and mean as safetensors, plus its manifest."""
+    tensors = {"encoder": projection.encoder, "decoder": projection.decoder, "mean": projection.mean}
+    data = save_tensors({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
+    write_artifact(directory, {PROJECTION_FILE: data}, {**manifest, "dim": projection.dim, "clip": projection.clip})
+
+
+def load_projection(directory: Path) -> Projection:
+    manifest = read_manifest(directory)
+    tensors = load_tensors((directory / PROJECTION_FILE).read_bytes())
+    return Projection(encoder=tensors["encoder"], decoder=tensors["decoder"], mean=tensors["mean"],
+                      clip=float(manifest["clip"]))
+
+
+def load_projections(root: Path, model_id: str, hidden_size: int, *, active_only: bool = True) -> list[Projection]:
+    """The projections under `root` trained for this model and width (only the active ones by default), by name."""
+    found = manifests(root, model_id)
+    loaded = [load_projection(root / name) for name, m in found.items() if m.get("active") or not active_only]
+    return [p for p in loaded if p.encoder.shape[1] == hidden_size]

@@ -9,7 +9,7 @@ from typing import Generator
 import torch
 
 from app.model_runner import GenerationParams, ModelRunner
-from app.reconstruction import Projection, PublishedProjection, pca_projection, publish, reconstruct_payload
+from app.reconstruction import PublishedProjection, load_projections, pca_projection, publish, reconstruct_payload
 from app.settings import ServerSettings
 from app.soft_prompts import SoftPrompt, load_soft_prompts, select_soft_prompt
 from client_sdk import wire
@@ -24,23 +24,53 @@ class PreparedInput:
     embeddings: torch.Tensor  # (m + T) x b
     prompt_tokens: int
     soft_prompt: SoftPrompt | None
+    soft_prompt_exact: bool
     timings: dict[str, float]
 
 
-class InferenceService:
-    """Holds the model, the published projections and the soft prompts; serves the bundle and generations."""
+def published_projections(runner: ModelRunner, settings: ServerSettings, *,
+                          active_only: bool = True) -> dict[str, PublishedProjection]:
+    """The trained projections for this model (the active ones, or all), then the PCA fallback, by id."""
+    table = runner.input_embeddings.detach()
+    trained = load_projections(settings.projection_dir, runner.model_id, table.shape[1], active_only=active_only)
+    pca = pca_projection(table, min(settings.projection_dim, table.shape[1]), settings.clip)
+    published = [publish(p, table) for p in [*trained, pca]]
+    return {p.id: p for p in published}
 
-    def __init__(self, runner: ModelRunner, settings: ServerSettings, projections: list[Projection] | None = None):
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the server serves: projections, soft prompts and the bundle describing them (swapped as a whole)."""
+
+    projections: dict[str, PublishedProjection]
+    soft_prompts: list[SoftPrompt]
+    bundle: BundleInfo
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {pid: p.projection.dim for pid, p in self.projections.items()}
+
+
+class InferenceService:
+    """Holds the model, the served projections and soft prompts; serves the bundle and generations."""
+
+    def __init__(self, runner: ModelRunner, settings: ServerSettings):
         self.runner, self.settings = runner, settings
-        table = runner.input_embeddings.detach()
-        if projections is None:
-            projections = [pca_projection(table, min(settings.projection_dim, table.shape[1]), settings.clip)]
-        published = [publish(p, table) for p in projections]
-        self.projections: dict[str, PublishedProjection] = {p.id: p for p in published}
-        self.soft_prompts = load_soft_prompts(settings.soft_prompt_dir, runner.model_id, table.shape[1])
         tokenizer = runner.tokenizer
         self.tokenizer_bytes = tokenizer.backend_tokenizer.to_str().encode()
-        self.bundle = BundleInfo(
+        self.catalog = self._load_catalog()
+
+    def reload(self) -> None:
+        """Re-read the active artifacts (after training, activation or deletion)."""
+        self.catalog = self._load_catalog()
+
+    def _load_catalog(self) -> Catalog:
+        runner, settings, tokenizer = self.runner, self.settings, self.runner.tokenizer
+        table = runner.input_embeddings
+        projections = published_projections(runner, settings)
+        soft_prompts = [s for s in load_soft_prompts(settings.soft_prompt_dir, runner.model_id, table.shape[1])
+                        if s.projection_id in projections]
+        bundle = BundleInfo(
             model_id=runner.model_id,
             vocab_size=table.shape[0],
             hidden_size=table.shape[1],
@@ -52,31 +82,37 @@ class InferenceService:
             bos_token=tokenizer.bos_token,
             eos_token=tokenizer.eos_token,
             projections=[
-                ProjectionInfo(id=p.id, dim=p.projection.dim, clip=p.projection.clip,
-                               table_url=f"/v1/bundle/projections/{p.id}", table_sha256=sha256_hex(p.table_bytes))
-                for p in published
+                ProjectionInfo(id=pid, dim=p.projection.dim, clip=p.projection.clip,
+                               table_url=f"/v1/bundle/projections/{pid}", table_sha256=sha256_hex(p.table_bytes))
+                for pid, p in projections.items()
             ],
-            soft_prompts=[s.info() for s in self.soft_prompts],
-            defaults=MechanismDefaults(projection_id=published[0].id, bits=settings.default_bits,
+            soft_prompts=[s.info() for s in soft_prompts],
+            defaults=MechanismDefaults(projection_id=next(iter(projections)), bits=settings.default_bits,
                                        mu=settings.default_mu),
         )
-        self._dims = {p.id: p.projection.dim for p in published}
+        return Catalog(projections, soft_prompts, bundle)
+
+    @property
+    def bundle(self) -> BundleInfo:
+        return self.catalog.bundle
 
     @property
     def max_payload_bytes(self) -> int:
-        return wire.payload_size(self.settings.max_prompt_tokens, max(self._dims.values()), wire.MAX_BITS)
+        return wire.payload_size(self.settings.max_prompt_tokens, max(self.catalog.dims.values()), wire.MAX_BITS)
 
     def prepare(self, body: bytes) -> PreparedInput:
         """Decode and validate the payload, reconstruct embeddings and prepend the matching soft prompt."""
+        catalog = self.catalog
         start = time.perf_counter()
-        payload = wire.decode(body, projections=self._dims, max_tokens=self.settings.max_prompt_tokens)
+        payload = wire.decode(body, projections=catalog.dims, max_tokens=self.settings.max_prompt_tokens)
         decoded = time.perf_counter()
-        embeddings = reconstruct_payload(payload, self.projections[payload.projection_id].projection)
-        soft = select_soft_prompt(self.soft_prompts, payload.projection_id, payload.params.bits, payload.params.mu_clt)
+        embeddings = reconstruct_payload(payload, catalog.projections[payload.projection_id].projection)
+        soft, exact = select_soft_prompt(catalog.soft_prompts, payload.projection_id, payload.params.bits,
+                                         payload.params.mu_clt)
         if soft is not None:
             embeddings = torch.cat([soft.embeddings, embeddings])
         done = time.perf_counter()
-        return PreparedInput(embeddings, payload.tokens, soft,
+        return PreparedInput(embeddings, payload.tokens, soft, exact,
                              {"decode": decoded - start, "reconstruct": done - decoded})
 
     def generate(self, prepared: PreparedInput, params: GenerationParams) -> GenerateResponse:
@@ -103,6 +139,8 @@ class InferenceService:
 
     @staticmethod
     def _response(prepared: PreparedInput, text: str, new_tokens: int, timings: dict[str, float]) -> GenerateResponse:
+        soft = prepared.soft_prompt
         return GenerateResponse(text=text, prompt_tokens=prepared.prompt_tokens, completion_tokens=new_tokens,
-                                soft_prompt=prepared.soft_prompt.name if prepared.soft_prompt else None,
-                                timings=timings)
+                                soft_prompt=soft.name if soft else None,
+                                soft_prompt_mu=soft.mu if soft else None,
+                                soft_prompt_exact=prepared.soft_prompt_exact, timings=timings)

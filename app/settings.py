@@ -19,12 +19,15 @@ class ServerSettings(BaseSettings):
     """'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a Hugging Face model id, or a local directory."""
     cache_dir: Path = Path.home() / ".cache" / "veil"
     soft_prompt_dir: Path = REPO_ROOT / "soft_prompts"
+    projection_dir: Path = REPO_ROOT / "projections"
+    data_dir: Path = REPO_ROOT.parent / "shared" / "data"
+    """Named training corpora (WikiText-2, Austen) live here; see app.training.data.CORPORA."""
     device: str = "cpu"
 
     projection_dim: int = 72
-    """k of the default PCA projection (b/8 for SmolLM2's b = 576)."""
+    """k of the PCA projection served when no trained one is active (b/8 for SmolLM2's b = 576)."""
     clip: float = 2.0
-    """c: the default projection's coordinates are whitened, so c is in standard deviations."""
+    """c of the PCA projection: its coordinates are whitened, so c is in standard deviations."""
     default_bits: int = 4
     default_mu: float = 50.0
 

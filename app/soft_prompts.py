@@ -1,8 +1,8 @@
 """Soft prompts: trained virtual tokens prepended to the reconstructed prompt, one per mechanism setting.
 
 Each lives in its own folder of `soft_prompts/` in PEFT's prompt-tuning format (adapter_config.json,
-adapter_model.safetensors with key `prompt_embeddings`) plus manifest.json: the projection id, n and mu
-it was trained for, and how it was trained.
+adapter_model.safetensors with key `prompt_embeddings`, loadable with `PeftModel.from_pretrained`) plus
+manifest.json: the projection id, n and mu it was trained for, whether it is served, and how it was trained.
 """
 
 from __future__ import annotations
@@ -14,8 +14,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
+from app.artifacts import manifests, read_manifest, write_artifact
+from app.model_runner import ModelRunner
 from client_sdk.schemas import SoftPromptInfo
+
+WEIGHTS = "adapter_model.safetensors"
+MU_MATCH = 1e-3
+"""Relative tolerance of an exact mu match (the wire's float32 A moves the mu a payload implies slightly)."""
 
 
 @dataclass
@@ -31,27 +38,39 @@ class SoftPrompt:
                               virtual_tokens=int(self.embeddings.shape[0]))
 
 
+def save_soft_prompt(embeddings: torch.Tensor, directory: Path, manifest: dict, runner: ModelRunner) -> None:
+    """Write a soft prompt as a PEFT prompt-tuning adapter plus our manifest, atomically."""
+    config = runner.model.config
+    adapter_config = {
+        "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": runner.model_id,
+        "revision": None, "inference_mode": True, "num_virtual_tokens": int(embeddings.shape[0]),
+        "token_dim": int(embeddings.shape[1]), "num_transformer_submodules": 1,
+        "num_attention_heads": config.num_attention_heads, "num_layers": config.num_hidden_layers,
+        # RANDOM, not TEXT: PEFT would otherwise load the init tokenizer; the init text is in the manifest.
+        "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+        "modules_to_save": None, "auto_mapping": None, "tokenizer_kwargs": None,
+    }
+    weights = save_tensors({"prompt_embeddings": embeddings.detach().float().contiguous().cpu()})
+    write_artifact(directory, {WEIGHTS: weights, "adapter_config.json": json.dumps(adapter_config, indent=2).encode()},
+                   manifest)
+
+
 def load_soft_prompt(directory: Path) -> SoftPrompt:
-    manifest = json.loads((directory / "manifest.json").read_text())
-    embeddings = load_file(str(directory / "adapter_model.safetensors"))["prompt_embeddings"]
+    manifest = read_manifest(directory)
+    embeddings = load_file(str(directory / WEIGHTS))["prompt_embeddings"]
     return SoftPrompt(name=directory.name, projection_id=manifest["projection_id"], bits=int(manifest["bits"]),
                       mu=float(manifest["mu"]), embeddings=embeddings.float())
 
 
 def load_soft_prompts(root: Path, model_id: str, hidden_size: int) -> list[SoftPrompt]:
-    """Every soft prompt under `root` trained for this model and width; others are skipped."""
-    prompts = []
-    for manifest in sorted(root.glob("*/manifest.json")):
-        meta = json.loads(manifest.read_text())
-        if meta.get("model_id") != model_id:
-            continue
-        prompt = load_soft_prompt(manifest.parent)
-        if prompt.embeddings.shape[1] == hidden_size:
-            prompts.append(prompt)
-    return prompts
+    """Every active soft prompt under `root` trained for this model and width; others are skipped."""
+    loaded = [load_soft_prompt(root / name) for name, m in manifests(root, model_id).items() if m.get("active")]
+    return [p for p in loaded if p.embeddings.shape[1] == hidden_size]
 
 
-def select_soft_prompt(prompts: list[SoftPrompt], projection_id: str, bits: int, mu: float) -> SoftPrompt | None:
-    """The prompt trained for this projection and n with the nearest mu (in log scale); None if there is none."""
+def select_soft_prompt(prompts: list[SoftPrompt], projection_id: str, bits: int,
+                       mu: float) -> tuple[SoftPrompt | None, bool]:
+    """The prompt for this projection and n with the nearest mu (in log scale), and whether mu matched exactly."""
     candidates = [p for p in prompts if p.projection_id == projection_id and p.bits == bits]
-    return min(candidates, key=lambda p: abs(math.log(p.mu / mu)), default=None)
+    best = min(candidates, key=lambda p: abs(math.log(p.mu / mu)), default=None)
+    return best, best is not None and abs(best.mu / mu - 1) <= MU_MATCH

@@ -12,6 +12,14 @@ from client_sdk.mechanism import MechanismParams
 cli = typer.Typer(help="veil: private split inference for LLMs (DEL).", no_args_is_help=True, add_completion=False)
 
 
+try:  # the training commands need the server extras; a client-only install has no `app`
+    from app.training.cli import train_cli
+
+    cli.add_typer(train_cli, name="train")
+except ImportError:
+    pass
+
+
 @cli.callback()
 def _root() -> None:
     """veil: private split inference for LLMs (DEL)."""

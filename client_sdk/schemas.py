@@ -58,6 +58,9 @@ class GenerateResponse(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     soft_prompt: str | None = Field(default=None, description="name of the soft prompt prepended, if any")
+    soft_prompt_mu: float | None = Field(default=None, description="the mu that soft prompt was trained for")
+    soft_prompt_exact: bool = Field(default=False, description="whether it was trained for exactly this mu "
+                                    "(otherwise it is the nearest in log scale for this projection and n)")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
 
 

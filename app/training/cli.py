@@ -1,0 +1,116 @@
+"""`veil train projection` and `veil train soft-prompt`: training jobs from the command line.
+
+Torch and the model are imported inside the commands, so `veil` itself starts without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+train_cli = typer.Typer(help="Train projections and soft prompts (needs `pip install .[server]`).",
+                        no_args_is_help=True)
+
+MODEL = typer.Option(None, help="'smollm2' (default), a Hugging Face id or a local directory")
+DATA = typer.Option("wikitext-2-valid", help="a corpus name (see app.training.data.CORPORA) or upload:<sha256>")
+CHECKPOINT = typer.Option(None, help="checkpoint file (default: <cache>/checkpoints/<kind>-<name>.pt); "
+                                     "a run with the same settings resumes from it")
+ACTIVATE = typer.Option(False, "--activate", help="mark the artifact served")
+
+
+def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, activate: bool) -> None:
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from app.artifacts import set_active
+    from app.model_runner import ModelRunner
+    from app.service import published_projections
+    from app.settings import ServerSettings
+    from app.training.jobs import run_training
+    from app.training.projection import ProjectionConfig
+    from app.training.soft_prompt import SoftPromptConfig
+
+    settings = ServerSettings(**({"model": model} if model else {}))
+    config_type = ProjectionConfig if kind == "projection" else SoftPromptConfig
+    runner = ModelRunner.load(settings.model, settings.cache_dir, settings.device)
+    if kind == "soft-prompt" and fields["projection_id"] is None:
+        fields["projection_id"] = next(iter(published_projections(runner, settings)))
+    try:
+        config = config_type(**fields)
+    except ValidationError as err:
+        raise typer.BadParameter(str(err)) from None
+    checkpoint = checkpoint or settings.cache_dir / "checkpoints" / f"{kind}-{config.name}.pt"
+    projections = {} if kind == "projection" else {
+        pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
+    bar = tqdm(total=config.steps, desc=f"{kind} {config.name}", unit="step")
+
+    def on_step(step: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    try:
+        manifest = run_training(runner, settings, config, projections, checkpoint=checkpoint, on_step=on_step)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    finally:
+        bar.close()
+    root = settings.projection_dir if kind == "projection" else settings.soft_prompt_dir
+    if activate:
+        set_active(root / config.name, True)
+    checkpoint.unlink(missing_ok=True)
+    held = {k: round(v, 4) for k, v in manifest.items() if k.startswith("held_out_loss")}
+    typer.echo(f"wrote {root / config.name} ({'active' if activate else 'inactive'}); held-out loss {held}")
+
+
+@train_cli.command("projection")
+def projection(
+    name: str = typer.Option(..., help="artifact name (folder under projections/)"),
+    data: str = DATA,
+    dim: int = typer.Option(72, "--dim", "-k", help="k, the projected width"),
+    clip: float = typer.Option(2.0, "--clip", "-c", help="c, in standard deviations of the PCA start"),
+    noise_aware: bool = typer.Option(True, "--noise-aware/--noise-free",
+                                     help="train with the clip and quantizer in the loop (or without, as the paper)"),
+    bits: int = typer.Option(4, "--bits", "-n"),
+    mu_min: float = typer.Option(10.0, help="noise-aware: per-segment mu is log-uniform in [mu_min, mu_max]"),
+    mu_max: float = typer.Option(50.0),
+    steps: int = typer.Option(150),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(1e-3),
+    prefix_tokens: int = typer.Option(64),
+    continuation_tokens: int = typer.Option(64),
+    seed: int = typer.Option(0),
+    model: str | None = MODEL,
+    checkpoint: Path | None = CHECKPOINT,
+    activate: bool = ACTIVATE,
+) -> None:
+    """Train a projection (encoder and decoder) with the LLM frozen, starting from whitened PCA."""
+    fields = dict(name=name, data=data, dim=dim, clip=clip, noise_aware=noise_aware, bits=bits, mu_min=mu_min,
+                  mu_max=mu_max, steps=steps, batch_size=batch_size, lr=lr, prefix_tokens=prefix_tokens,
+                  continuation_tokens=continuation_tokens, seed=seed)
+    _run("projection", fields, model, checkpoint, activate)
+
+
+@train_cli.command("soft-prompt")
+def soft_prompt(
+    name: str = typer.Option(..., help="artifact name (folder under soft_prompts/)"),
+    mu: float = typer.Option(..., help="per-token CLT mu of the mechanism it serves"),
+    bits: int = typer.Option(4, "--bits", "-n"),
+    projection_id: str | None = typer.Option(None, "--projection", help="projection id (default: the server's)"),
+    data: str = DATA,
+    virtual_tokens: int = typer.Option(32, "--virtual-tokens", "-m"),
+    steps: int = typer.Option(100),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(1e-2),
+    prefix_tokens: int = typer.Option(64),
+    continuation_tokens: int = typer.Option(64),
+    seed: int = typer.Option(0),
+    model: str | None = MODEL,
+    checkpoint: Path | None = CHECKPOINT,
+    activate: bool = ACTIVATE,
+) -> None:
+    """Train a soft prompt for one (projection, n, mu) with the mechanism active on the prompt part."""
+    fields = dict(name=name, mu=mu, bits=bits, projection_id=projection_id, data=data,
+                  virtual_tokens=virtual_tokens, steps=steps, batch_size=batch_size, lr=lr,
+                  prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, seed=seed)
+    _run("soft-prompt", fields, model, checkpoint, activate)

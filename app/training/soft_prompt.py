@@ -1,0 +1,94 @@
+"""Training a soft prompt for one mechanism setting (projection, n, mu), with the LLM and projection frozen.
+
+m virtual tokens, initialised from the embeddings of a text, are prepended to the prefix exactly as at
+inference: the prefix goes through the projection, the clip and the stochastic quantizer (fresh noise
+each step), the continuation stays clean, and the loss is on the continuation only.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import Field
+
+from app.model_runner import ModelRunner
+from app.reconstruction import Projection
+from app.soft_prompts import save_soft_prompt
+from app.training.config import TrainingConfig, held_out_loss, training_segments
+from app.training.data import text_sha256
+from app.training.evaluate import continuation_loss
+from app.training.loop import train_loop
+from app.training.mechanism import privatize
+from client_sdk.mechanism import MechanismParams
+
+DEFAULT_INIT_TEXT = ("The text below arrived through a noisy private channel. Read past the noise, "
+                     "infer what it says, and continue it naturally in the same style.")
+
+
+class SoftPromptConfig(TrainingConfig):
+    projection_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="the projection the client uses")
+    bits: int = Field(4, ge=1, le=8)
+    mu: float = Field(gt=0, le=1e6, description="per-token CLT mu of the client's mechanism")
+    virtual_tokens: int = Field(32, ge=1, le=512, description="m, the soft prompt's length")
+    init_text: str = Field(DEFAULT_INIT_TEXT, min_length=1, max_length=10_000)
+    lr: float = Field(1e-2, gt=0, le=1)
+
+
+def init_from_text(runner: ModelRunner, text: str, length: int) -> torch.Tensor:
+    """The embeddings of `text`'s tokens, repeated or cut to `length` rows."""
+    ids = runner.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (length // len(ids) + 1))[:length]
+    return runner.input_embeddings[torch.tensor(ids)].detach().clone()
+
+
+def private_prefix_loss(runner: ModelRunner, projection: Projection, config: SoftPromptConfig,
+                        soft_prompt: torch.Tensor | None) -> Callable:
+    """(segments, generator) -> mean continuation loss after [soft prompt, privatized prefix]."""
+    model, table = runner.model, runner.input_embeddings
+    scale = MechanismParams.from_mu(config.mu, bits=config.bits, dim=projection.dim, clip=projection.clip).scale
+
+    def loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = batch.to(model.device)
+        prefix, continuation = batch[:, : config.prefix_tokens], batch[:, config.prefix_tokens :]
+        with torch.no_grad():
+            z = privatize(projection.project(table[prefix]), projection.clip, scale, config.bits, generator)
+            received = projection.reconstruct(z)
+        if soft_prompt is not None:
+            received = torch.cat([soft_prompt.expand(len(batch), -1, -1), received], dim=1)
+        return continuation_loss(model, received, continuation).mean()
+
+    return loss
+
+
+def train_soft_prompt(runner: ModelRunner, projection: Projection, config: SoftPromptConfig, text: str,
+                      out_dir: Path, *, checkpoint: Path | None = None, cancel: threading.Event | None = None,
+                      on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train, evaluate on held-out segments (with and without the prompt), write `out_dir/<name>`; returns the manifest."""
+    runner.model.requires_grad_(False)
+    train, held = training_segments(text, runner.tokenizer, config)
+    soft_prompt = init_from_text(runner, config.init_text, config.virtual_tokens).requires_grad_(True)
+    loss = private_prefix_loss(runner, projection, config, soft_prompt)
+    state = train_loop({"prompt_embeddings": soft_prompt}, loss, train, steps=config.steps,
+                       batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                       run_key=config.model_dump_json(), checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+    manifest = {
+        "kind": "soft_prompt",
+        "model_id": runner.model_id,
+        "projection_id": config.projection_id,
+        "bits": config.bits,
+        "mu": config.mu,
+        "active": False,
+        "config": config.model_dump(),
+        "data_sha256": text_sha256(text),
+        "train_segments": len(train),
+        "steps": state.step,
+        "loss_curve": state.losses,
+        "held_out_loss": held_out_loss(loss, held, config.batch_size, config.seed),
+        "held_out_loss_without_prompt": held_out_loss(private_prefix_loss(runner, projection, config, None), held,
+                                                      config.batch_size, config.seed),
+    }
+    save_soft_prompt(soft_prompt.detach(), out_dir / config.name, manifest, runner)
+    return manifest
