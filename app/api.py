@@ -14,34 +14,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from app.admin import admin_router
+from app.body import read_body
 from app.model_runner import GenerationParams, ModelRunner
 from app.service import InferenceService
 from app.settings import ServerSettings
+from app.training.jobs import JobManager
 from client_sdk.errors import WireFormatError
 from client_sdk.schemas import BundleInfo, ErrorResponse, GenerateResponse
 
 ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
           415: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422)}
 PAYLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary", "description": "a veil wire-format payload"}}}}}
 
 
-def error(status: int, kind: str, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content=ErrorResponse(error=kind, detail=detail).model_dump())
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"payload of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"payload exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def error(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
+                        content=ErrorResponse(error=kind, detail=detail).model_dump())
 
 
 def sse(event: str | None, data: str) -> str:
@@ -57,16 +48,20 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
         loaded = runner or await run_in_threadpool(ModelRunner.load, settings.model, settings.cache_dir,
                                                    settings.device)
         app.state.service = InferenceService(loaded, settings)
+        app.state.jobs = JobManager(loaded, settings, on_artifact=app.state.service.reload)
         yield
+        await run_in_threadpool(app.state.jobs.close)
 
     app = FastAPI(title="veil", version="0.1.0", lifespan=lifespan,
                   description="Private split inference: the prompt arrives privatized by the DEL mechanism.")
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                415: "unsupported_media_type", 422: "invalid_parameter"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, kind, str(exc.detail))
+        kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+                422: "invalid_parameter"}.get(exc.status_code, "http_error")
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return error(exc.status_code, kind, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -97,7 +92,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
     @app.get("/v1/bundle/projections/{projection_id}", responses=ERRORS)
     async def projected_table(request: Request, projection_id: str) -> Response:
         """A projected table (vocab x k), safetensors: int8 `table` times per-column `scale`."""
-        published = service(request).projections.get(projection_id)
+        published = service(request).catalog.projections.get(projection_id)
         if published is None:
             raise HTTPException(404, f"no projection {projection_id!r}")
         return Response(published.table_bytes, media_type="application/octet-stream")
@@ -139,4 +134,5 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    app.include_router(admin_router(settings), responses=ADMIN_ERRORS)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,10 @@ class ServerSettings(BaseSettings):
     """c of the PCA projection: its coordinates are whitened, so c is in standard deviations."""
     default_bits: int = 4
     default_mu: float = 50.0
+
+    admin_key: SecretStr | None = None
+    """The admin API's bearer key (separate from client keys); the admin API is off without one."""
+    max_upload_bytes: int = 64 * 1024 * 1024
 
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 512

@@ -56,7 +56,7 @@ def main() -> None:
     settings = ServerSettings()
     runner = ModelRunner.load(settings.model, settings.cache_dir)
     service = InferenceService(runner, settings)
-    published = next(iter(service.projections.values()))
+    published = next(iter(service.catalog.projections.values()))
     table = load_projected_table(published.table_bytes)
 
     ids = runner.tokenizer(TEXT).input_ids[: args.prompt_tokens]

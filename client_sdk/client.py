@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import AsyncIterator, Generator, Iterator
 
 import httpx
-from pydantic import BaseModel
 
 from client_sdk.accounting import DEFAULT_DELTA, PrivacyReport, privacy_report
 from client_sdk.budget import BudgetLedger
@@ -23,14 +22,9 @@ from client_sdk.privatize import privatize_tokens
 from client_sdk.schemas import BundleInfo, GenerateResponse
 
 
-class GenerationResult(BaseModel):
-    """A generation and what it cost: the privacy spent and the bytes sent."""
+class GenerationResult(GenerateResponse):
+    """A generation (the server's answer) and what it cost: the privacy spent and the bytes sent."""
 
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    soft_prompt: str | None
-    timings: dict[str, float]
     privacy: PrivacyReport
     bytes_sent: int
 

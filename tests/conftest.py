@@ -79,6 +79,7 @@ def settings(tmp_path: Path):
     from app.settings import ServerSettings
 
     return ServerSettings(cache_dir=tmp_path / "cache", soft_prompt_dir=tmp_path / "soft_prompts",
+                          projection_dir=tmp_path / "projections", data_dir=tmp_path / "data",
                           projection_dim=8, clip=2.0, default_mu=20.0, max_prompt_tokens=64, max_new_tokens=32)
 
 

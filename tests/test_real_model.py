@@ -33,7 +33,7 @@ def test_lossless_projection_at_loose_privacy_keeps_the_greedy_answer(smollm2: M
     assert "Paris" in plain_text
 
     # k = b: the projection loses nothing; n = 8 and a huge mu leave only the binomial quantization floor.
-    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none", projection_dim=576, clip=3.0,
+    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none", projection_dir=tmp_path / "none", projection_dim=576, clip=3.0,
                               default_bits=8, default_mu=1e4)
     with LoopbackServer(create_app(settings, runner=smollm2)) as server:
         for seed in range(3):
@@ -44,7 +44,7 @@ def test_lossless_projection_at_loose_privacy_keeps_the_greedy_answer(smollm2: M
 
 
 def test_client_tokenizes_exactly_like_the_server(smollm2: ModelRunner, tmp_path: Path) -> None:
-    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none", projection_dim=16)
+    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none", projection_dir=tmp_path / "none", projection_dim=16)
     prompt = "What is the capital of France? Answer in one word, please."
     with LoopbackServer(create_app(settings, runner=smollm2)) as server:
         with PrivateLLMClient(server.url, cache_dir=tmp_path / "client") as client:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import save_file
 
 from app.api import create_app
 from app.reconstruction import pca_projection
-from app.soft_prompts import select_soft_prompt
+from app.soft_prompts import save_soft_prompt, select_soft_prompt
 from client_sdk import PrivateLLMClient, wire
 from client_sdk.mechanism import MechanismParams
 from tests.conftest import LoopbackServer
@@ -77,21 +75,22 @@ def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, c
     with TestClient(create_app(settings, runner=runner)) as http:
         pid = http.get("/v1/bundle").json()["defaults"]["projection_id"]
     for name, mu in (("loose", 50.0), ("strict", 2.0)):
-        folder = settings.soft_prompt_dir / name
-        folder.mkdir(parents=True)
-        save_file({"prompt_embeddings": torch.randn(3, 32)}, str(folder / "adapter_model.safetensors"))
-        (folder / "manifest.json").write_text(json.dumps({"model_id": "tiny-llama", "projection_id": pid,
-                                                          "bits": 4, "mu": mu}))
+        save_soft_prompt(torch.randn(3, 32), settings.soft_prompt_dir / name,
+                         {"model_id": "tiny-llama", "projection_id": pid, "bits": 4, "mu": mu, "active": True},
+                         runner)
     app = create_app(settings, runner=runner)
     with LoopbackServer(app) as server:
         client = PrivateLLMClient(server.url, cache_dir=client_cache, mu=30.0)
         assert {s.name for s in client.bundle.info.soft_prompts} == {"loose", "strict"}
-        assert client.generate("hello", max_new_tokens=2).soft_prompt == "loose"
+        answer = client.generate("hello", max_new_tokens=2)
+        assert (answer.soft_prompt, answer.soft_prompt_mu, answer.soft_prompt_exact) == ("loose", 50.0, False)
+        assert PrivateLLMClient(server.url, cache_dir=client_cache, mu=2.0).generate("hello", max_new_tokens=2).soft_prompt_exact
         service = app.state.service
         prepared = service.prepare(client.prepare("hello").payload)
     assert prepared.embeddings.shape[0] == 3 + prepared.prompt_tokens
-    assert select_soft_prompt(service.soft_prompts, pid, 4, 3.0).name == "strict"
-    assert select_soft_prompt(service.soft_prompts, pid, 2, 3.0) is None
+    prompts = service.catalog.soft_prompts
+    assert select_soft_prompt(prompts, pid, 4, 3.0)[0].name == "strict"
+    assert select_soft_prompt(prompts, pid, 2, 3.0) == (None, False)
 
 
 @pytest.fixture

@@ -3,14 +3,24 @@ manager that runs them one at a time in a background thread for the admin API, w
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
+import uuid
+from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
+from pydantic import BaseModel, Field
+
+from app.artifacts import set_active
+from app.files import write_bytes_atomic
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection
+from app.service import published_projections
 from app.settings import ServerSettings
 from app.training.config import load_text
+from app.training.loop import Cancelled
 from app.training.projection import ProjectionConfig, train_projection
 from app.training.soft_prompt import SoftPromptConfig, train_soft_prompt
 
@@ -34,3 +44,166 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
         raise ValueError(f"no projection {config.projection_id!r} on this server; known: {', '.join(projections)}")
     return train_soft_prompt(runner, projections[config.projection_id], config, text, settings.soft_prompt_dir,
                              checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    interrupted = "interrupted"
+    """The server stopped while the job was queued or running; resume continues from its checkpoint."""
+
+
+class Job(BaseModel):
+    """A training job as the admin API reports it (and as it is kept on disk)."""
+
+    id: str
+    kind: Literal["projection", "soft_prompt"]
+    state: JobState = JobState.queued
+    config: dict
+    activate: bool = False
+    step: int = 0
+    steps: int
+    losses: list[float] = []
+    created: float = Field(default_factory=time.time)
+    finished: float | None = None
+    error: str | None = None
+    held_out: dict[str, float] = Field(default_factory=dict, description="held-out losses of the artifact")
+
+    def parsed_config(self) -> JobConfig:
+        return (ProjectionConfig if self.kind == "projection" else SoftPromptConfig)(**self.config)
+
+
+class JobManager:
+    """Runs training jobs one at a time on a background thread; each job's state is a JSON file on disk.
+
+    `on_artifact` is called after a job writes its artifact (the service reloads what it serves).
+    """
+
+    def __init__(self, runner: ModelRunner, settings: ServerSettings, on_artifact: Callable[[], None]):
+        self.runner, self.settings, self.on_artifact = runner, settings, on_artifact
+        self.root = settings.cache_dir / "jobs"
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._closing = False
+        for path in sorted(self.root.glob("*/job.json")):
+            job = Job.model_validate_json(path.read_text())
+            if job.state in (JobState.queued, JobState.running):
+                job.state = JobState.interrupted
+                self._save(job)
+            self._jobs[job.id] = job
+        self._worker = threading.Thread(target=self._work, name="veil-training", daemon=True)
+        self._worker.start()
+
+    def projections(self) -> dict[str, Projection]:
+        """Every projection a soft prompt may be trained for: all trained ones for this model, and PCA."""
+        return {pid: p.projection for pid, p in published_projections(self.runner, self.settings,
+                                                                       active_only=False).items()}
+
+    def submit(self, config: JobConfig, activate: bool = False) -> Job:
+        kind = "projection" if isinstance(config, ProjectionConfig) else "soft_prompt"
+        job = Job(id=uuid.uuid4().hex[:16], kind=kind, config=config.model_dump(), activate=activate,
+                  steps=config.steps)
+        self._enqueue(job)
+        return job
+
+    def resume(self, job_id: str) -> Job:
+        """Queue an interrupted, failed or cancelled job again; it continues from its last checkpoint."""
+        job = self.get(job_id)
+        if job.state not in (JobState.interrupted, JobState.failed, JobState.cancelled):
+            raise JobConflict(f"job {job_id} is {job.state.value}; only interrupted, failed or cancelled jobs resume")
+        job.state, job.error, job.finished = JobState.queued, None, None
+        self._enqueue(job)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.state not in (JobState.queued, JobState.running):
+            raise JobConflict(f"job {job_id} is {job.state.value}; only queued or running jobs can be cancelled")
+        self._cancel[job_id].set()
+        if job.state == JobState.queued:
+            self._finish(job, JobState.cancelled)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise KeyError(job_id)
+            return self._jobs[job_id]
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def wait(self, job_id: str, timeout: float) -> Job:
+        """Block until the job leaves the queued and running states (tests and scripts use this)."""
+        deadline = time.monotonic() + timeout
+        while self.get(job_id).state in (JobState.queued, JobState.running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.get(job_id)
+
+    def close(self) -> None:
+        """Stop after the current step: a running job is checkpointed and left resumable."""
+        self._closing = True
+        for event in self._cancel.values():
+            event.set()
+        self._queue.put(None)
+        self._worker.join(timeout=60)
+
+    def _enqueue(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+            self._cancel[job.id] = threading.Event()
+        self._save(job)
+        self._queue.put(job.id)
+
+    def _work(self) -> None:
+        while (job_id := self._queue.get()) is not None:
+            job = self.get(job_id)
+            cancel = self._cancel[job_id]
+            if job.state != JobState.queued or cancel.is_set():
+                continue
+            job.state = JobState.running
+            self._save(job)
+
+            def on_step(step: int, loss: float, job: Job = job) -> None:
+                job.step = step
+                del job.losses[step - 1 :]  # a resumed run restarts at its checkpoint: drop repeated steps
+                job.losses.append(loss)
+                if step % 5 == 0:
+                    self._save(job)
+
+            checkpoint = self.root / job.id / "checkpoint.pt"
+            try:
+                config = job.parsed_config()
+                manifest = run_training(self.runner, self.settings, config, self.projections(),
+                                        checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+            except Cancelled:
+                self._finish(job, JobState.interrupted if self._closing else JobState.cancelled)
+            except Exception as err:  # any failure ends the job, never the worker
+                job.error = f"{type(err).__name__}: {err}"
+                self._finish(job, JobState.failed)
+            else:
+                job.losses = manifest["loss_curve"]
+                job.held_out = {k: v for k, v in manifest.items() if k.startswith("held_out_loss")}
+                root = self.settings.projection_dir if job.kind == "projection" else self.settings.soft_prompt_dir
+                if job.activate:
+                    set_active(root / config.name, True)
+                checkpoint.unlink(missing_ok=True)
+                self._finish(job, JobState.succeeded)
+                self.on_artifact()
+
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.state, job.finished = state, time.time()
+        self._save(job)
+
+    def _save(self, job: Job) -> None:
+        write_bytes_atomic(self.root / job.id / "job.json", job.model_dump_json(indent=2).encode())
+
+
+class JobConflict(Exception):
+    """The job is not in a state that allows the operation (HTTP 409)."""

@@ -1,0 +1,180 @@
+"""The admin API: upload training data, train projections and soft prompts as background jobs, and manage
+the artifacts the server serves. Every route needs `Authorization: Bearer <admin key>`.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
+"""
+
+import hashlib
+import hmac
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from app.artifacts import ArtifactError, artifact_dir, delete_artifact, manifests, set_active
+from app.body import read_body
+from app.files import write_bytes_atomic
+from app.service import InferenceService
+from app.settings import ServerSettings
+from app.training.config import load_text
+from app.training.data import DataError, parse_upload, text_sha256
+from app.training.jobs import Job, JobConflict, JobManager, upload_dir
+from app.training.projection import ProjectionConfig
+from app.training.soft_prompt import SoftPromptConfig
+
+ArtifactKind = Literal["projections", "soft-prompts"]
+UPLOAD_TYPES = {"text/plain", "application/jsonl", "application/x-ndjson", "application/octet-stream"}
+
+
+class ProjectionJobRequest(ProjectionConfig):
+    activate: bool = False
+    """Serve the projection as soon as it is trained."""
+
+
+class SoftPromptJobRequest(SoftPromptConfig):
+    activate: bool = False
+
+
+class Upload(BaseModel):
+    data: str
+    """Pass this as `data` to a training job."""
+    sha256: str
+    bytes: int
+    characters: int
+
+
+class Artifact(BaseModel):
+    name: str
+    active: bool
+    manifest: dict
+
+
+def admin_router(settings: ServerSettings) -> APIRouter:
+    """The /admin routes, protected by `settings.admin_key`."""
+    expected = (hashlib.sha256(settings.admin_key.get_secret_value().encode()).digest()
+                if settings.admin_key else None)
+
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        if expected is None:
+            raise HTTPException(403, "the admin API is disabled: set VEIL_ADMIN_KEY to enable it")
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise HTTPException(401, "admin key required: Authorization: Bearer <key>")
+        if not hmac.compare_digest(hashlib.sha256(key.encode()).digest(), expected):
+            raise HTTPException(403, "wrong admin key")
+
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+    def service(request: Request) -> InferenceService:
+        return request.app.state.service
+
+    def jobs(request: Request) -> JobManager:
+        return request.app.state.jobs
+
+    def root(kind: ArtifactKind):
+        return settings.projection_dir if kind == "projections" else settings.soft_prompt_dir
+
+    def submit(request: Request, body: ProjectionJobRequest | SoftPromptJobRequest) -> Job:
+        try:
+            load_text(body.data, settings.data_dir, upload_dir(settings))
+        except DataError as err:
+            raise HTTPException(422, str(err)) from None
+        config_type = ProjectionConfig if isinstance(body, ProjectionJobRequest) else SoftPromptConfig
+        config = config_type(**body.model_dump(exclude={"activate"}))
+        manager = jobs(request)
+        if isinstance(config, SoftPromptConfig) and config.projection_id not in manager.projections():
+            raise HTTPException(422, f"no projection {config.projection_id!r} on this server")
+        if (root("projections" if isinstance(config, ProjectionConfig) else "soft-prompts") / config.name).exists():
+            raise HTTPException(409, f"an artifact named {config.name!r} exists; delete it or pick another name")
+        return manager.submit(config, activate=body.activate)
+
+    @router.post("/uploads", status_code=201, response_model=Upload)
+    async def upload(request: Request) -> Upload:
+        """Upload training text: plain UTF-8, or JSONL with a "text" field per line."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type not in UPLOAD_TYPES:
+            raise HTTPException(415, f"upload text/plain or application/jsonl, not {content_type or 'nothing'!r}")
+        data = await read_body(request, settings.max_upload_bytes)
+        try:
+            text = parse_upload(data)
+        except DataError as err:
+            raise HTTPException(422, str(err)) from None
+        digest = hashlib.sha256(data).hexdigest()
+        write_bytes_atomic(upload_dir(settings) / f"{digest}.txt", data)
+        return Upload(data=f"upload:{digest}", sha256=text_sha256(text), bytes=len(data), characters=len(text))
+
+    @router.post("/projections", status_code=202, response_model=Job)
+    async def train_projection(request: Request, body: ProjectionJobRequest) -> Job:
+        """Start training a projection (a background job)."""
+        return await run_in_threadpool(submit, request, body)
+
+    @router.post("/soft-prompts", status_code=202, response_model=Job)
+    async def train_soft_prompt(request: Request, body: SoftPromptJobRequest) -> Job:
+        """Start training a soft prompt for one (projection, n, mu) (a background job)."""
+        return await run_in_threadpool(submit, request, body)
+
+    @router.get("/jobs", response_model=list[Job])
+    async def list_jobs(request: Request) -> list[Job]:
+        return jobs(request).list()
+
+    def job_action(request: Request, job_id: str, action: str) -> Job:
+        manager = jobs(request)
+        try:
+            return {"get": manager.get, "cancel": manager.cancel, "resume": manager.resume}[action](job_id)
+        except KeyError:
+            raise HTTPException(404, f"no job {job_id!r}") from None
+        except JobConflict as err:
+            raise HTTPException(409, str(err)) from None
+
+    @router.get("/jobs/{job_id}", response_model=Job)
+    async def get_job(request: Request, job_id: str) -> Job:
+        """State, progress (step of steps) and the loss curve so far."""
+        return job_action(request, job_id, "get")
+
+    @router.post("/jobs/{job_id}/cancel", response_model=Job)
+    async def cancel_job(request: Request, job_id: str) -> Job:
+        """Cancel a queued or running job (a running one stops at its next step, keeping its checkpoint)."""
+        return job_action(request, job_id, "cancel")
+
+    @router.post("/jobs/{job_id}/resume", response_model=Job)
+    async def resume_job(request: Request, job_id: str) -> Job:
+        """Queue an interrupted, failed or cancelled job again, from its last checkpoint."""
+        return job_action(request, job_id, "resume")
+
+    @router.get("/{kind}", response_model=list[Artifact])
+    async def list_artifacts(kind: ArtifactKind) -> list[Artifact]:
+        """Every artifact of this kind on disk, for any model, served or not."""
+        return [Artifact(name=name, active=bool(m.get("active")), manifest=m)
+                for name, m in manifests(root(kind)).items()]
+
+    def change(request: Request, kind: ArtifactKind, name: str, action: str) -> Artifact:
+        try:
+            directory = artifact_dir(root(kind), name)
+            if action == "delete":
+                delete_artifact(directory)
+                manifest = None
+            else:
+                manifest = set_active(directory, action == "activate")
+        except ArtifactError as err:
+            raise HTTPException(404, str(err)) from None
+        service(request).reload()
+        return Artifact(name=name, active=action == "activate", manifest=manifest or {})
+
+    @router.post("/{kind}/{name}/activate", response_model=Artifact)
+    async def activate(request: Request, kind: ArtifactKind, name: str) -> Artifact:
+        """Serve this artifact (it appears in the bundle)."""
+        return await run_in_threadpool(change, request, kind, name, "activate")
+
+    @router.post("/{kind}/{name}/deactivate", response_model=Artifact)
+    async def deactivate(request: Request, kind: ArtifactKind, name: str) -> Artifact:
+        """Stop serving this artifact; it stays on disk."""
+        return await run_in_threadpool(change, request, kind, name, "deactivate")
+
+    @router.delete("/{kind}/{name}", response_model=Artifact)
+    async def delete(request: Request, kind: ArtifactKind, name: str) -> Artifact:
+        """Delete this artifact from disk (and stop serving it)."""
+        return await run_in_threadpool(change, request, kind, name, "delete")
+
+    return router

@@ -1,0 +1,97 @@
+"""The admin API over HTTP: the key, uploads, training jobs, and serving what they produce."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from app.api import create_app
+from tests.test_training import SHAPE, corpus
+
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture
+def admin(settings, runner):
+    settings.admin_key = SecretStr("s3cret")
+    with TestClient(create_app(settings, runner=runner)) as http:
+        yield http
+
+
+def finished(http: TestClient, job_id: str) -> dict:
+    deadline = time.monotonic() + 120
+    while (job := http.get(f"/admin/jobs/{job_id}", headers=KEY).json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return job
+
+
+def test_the_admin_api_needs_its_key(settings, runner, admin) -> None:
+    with TestClient(create_app(settings.model_copy(update={"admin_key": None}), runner=runner)) as off:
+        response = off.get("/admin/jobs", headers=KEY)
+        assert response.status_code == 403 and "disabled" in response.json()["detail"]
+    missing = admin.get("/admin/jobs")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert admin.get("/admin/jobs", headers={"Authorization": "Bearer wrong"}).json()["error"] == "forbidden"
+    assert admin.get("/admin/jobs", headers=KEY).json() == []
+
+
+def test_upload_train_activate_serve_and_delete_a_soft_prompt(admin) -> None:
+    upload = admin.post("/admin/uploads", content=corpus().encode(), headers={**KEY, "content-type": "text/plain"})
+    assert upload.status_code == 201
+    pid = admin.get("/v1/bundle").json()["defaults"]["projection_id"]
+    body = {"name": "mine", "data": upload.json()["data"], "projection_id": pid, "mu": 20.0, "virtual_tokens": 4,
+            "steps": 3, "activate": True, **SHAPE}
+    started = admin.post("/admin/soft-prompts", json=body, headers=KEY)
+    assert started.status_code == 202
+    job = finished(admin, started.json()["id"])
+    assert job["state"] == "succeeded" and job["step"] == 3 and len(job["losses"]) == 3
+    assert set(job["held_out"]) == {"held_out_loss", "held_out_loss_without_prompt"}
+    assert [s["name"] for s in admin.get("/v1/bundle").json()["soft_prompts"]] == ["mine"]  # served at once
+    assert admin.post("/admin/soft-prompts", json=body, headers=KEY).status_code == 409  # the name is taken
+    assert admin.post("/admin/jobs/" + job["id"] + "/cancel", headers=KEY).status_code == 409  # already done
+    listed = admin.get("/admin/soft-prompts", headers=KEY).json()
+    assert [(a["name"], a["active"]) for a in listed] == [("mine", True)]
+    assert admin.post("/admin/soft-prompts/mine/deactivate", headers=KEY).json()["active"] is False
+    assert admin.get("/v1/bundle").json()["soft_prompts"] == []
+    assert admin.delete("/admin/soft-prompts/mine", headers=KEY).status_code == 200
+    assert admin.get("/admin/soft-prompts", headers=KEY).json() == []
+
+
+def test_a_projection_job_can_be_cancelled(admin) -> None:
+    upload = admin.post("/admin/uploads", content=corpus(4000).encode(), headers={**KEY, "content-type": "text/plain"})
+    body = {"name": "p", "data": upload.json()["data"], "dim": 8, "steps": 100_000, **SHAPE}
+    job = admin.post("/admin/projections", json=body, headers=KEY).json()
+    while admin.get(f"/admin/jobs/{job['id']}", headers=KEY).json()["step"] < 2:
+        time.sleep(0.05)
+    assert admin.post(f"/admin/jobs/{job['id']}/cancel", headers=KEY).status_code == 200
+    assert finished(admin, job["id"])["state"] == "cancelled"
+    assert admin.get("/admin/projections", headers=KEY).json() == []  # nothing half-written
+
+
+@pytest.mark.parametrize("request_kwargs, status, error", [
+    (dict(method="POST", url="/admin/uploads", content=b"\xff", headers={"content-type": "text/plain"}), 422,
+     "invalid_parameter"),
+    (dict(method="POST", url="/admin/uploads", content=b"x", headers={"content-type": "image/png"}), 415,
+     "unsupported_media_type"),
+    (dict(method="POST", url="/admin/projections", json={"name": "p", "data": "nonsense"}), 422, "invalid_parameter"),
+    (dict(method="POST", url="/admin/projections", json={"name": "p"}), 422, "invalid_parameter"),  # corpus absent
+    (dict(method="POST", url="/admin/projections", json={"name": "../up"}), 422, "invalid_parameter"),
+    (dict(method="POST", url="/admin/projections", json={"name": "p", "steps": 0}), 422, "invalid_parameter"),
+    (dict(method="POST", url="/admin/soft-prompts", json={"name": "s", "mu": 5, "projection_id": "0" * 16}), 422,
+     "invalid_parameter"),
+    (dict(method="POST", url="/admin/projections", json={"name": "p", "data": "upload:" + "0" * 64}), 422,
+     "invalid_parameter"),
+    (dict(method="GET", url="/admin/jobs/nope"), 404, "not_found"),
+    (dict(method="POST", url="/admin/jobs/nope/resume"), 404, "not_found"),
+    (dict(method="POST", url="/admin/projections/nope/activate"), 404, "not_found"),
+    (dict(method="DELETE", url="/admin/soft-prompts/nope"), 404, "not_found"),
+    (dict(method="GET", url="/admin/other-things"), 422, "invalid_parameter"),
+])
+def test_bad_admin_requests_get_json_errors(admin, request_kwargs: dict, status: int, error: str) -> None:
+    request_kwargs["headers"] = {**KEY, **request_kwargs.get("headers", {})}
+    response = admin.request(**request_kwargs)
+    assert (response.status_code, response.json()["error"]) == (status, error), response.text
