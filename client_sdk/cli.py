@@ -113,7 +113,11 @@ def demo(
         report = result.privacy
         typer.echo(f"prompt (stays on this device): {prompt!r}")
         typer.echo(f"answer: {result.text!r}")
-        typer.echo(f"soft prompt used: {result.soft_prompt or 'none (no trained soft prompt for these settings)'}")
+        if result.soft_prompt:
+            match = "exact match" if result.soft_prompt_exact else "nearest trained mu"
+            typer.echo(f"soft prompt used: {result.soft_prompt} (trained for mu={result.soft_prompt_mu:g}, {match})")
+        else:
+            typer.echo("soft prompt used: none (no trained soft prompt for this projection and n)")
         typer.echo(f"privacy: n={report.bits}, k={report.dim}, mu={report.mu_clt:.4g} per token; exact epsilon "
                    f"{report.epsilon_per_token:.4g} per token, {report.epsilon:.4g} for the whole "
                    f"{report.tokens}-token prompt (delta={report.delta:g})")

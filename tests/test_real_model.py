@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.api import create_app
+from app.artifacts import manifests
 from app.model_runner import ModelRunner
 from app.settings import ServerSettings
 from client_sdk import PrivateLLMClient
@@ -56,11 +57,19 @@ def test_client_tokenizes_exactly_like_the_server(smollm2: ModelRunner, tmp_path
     assert plain_ids == smollm2.tokenizer(prompt).input_ids
 
 
-def test_private_chat_generation_on_the_default_settings(smollm2: ModelRunner, tmp_path: Path) -> None:
-    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none")
-    with LoopbackServer(create_app(settings, runner=smollm2)) as server:
+def test_shipped_artifacts_match_this_model_and_serve_the_default_settings(smollm2: ModelRunner,
+                                                                          tmp_path: Path) -> None:
+    settings = ServerSettings(cache_dir=tmp_path)  # the repository's projections/ and soft_prompts/
+    app = create_app(settings, runner=smollm2)
+    with LoopbackServer(app) as server:
+        catalog = app.state.service.catalog
+        shipped = {m["id"] for m in manifests(settings.projection_dir, "smollm2").values() if m["active"]}
+        assert shipped and shipped <= set(catalog.projections)  # the ids recomputed here are the shipped ones
+        assert {s.projection_id for s in catalog.soft_prompts} <= shipped and len(catalog.soft_prompts) >= 3
         with PrivateLLMClient(server.url, cache_dir=tmp_path / "client") as client:
+            assert client.bundle.info.defaults.projection_id in shipped
             result = client.generate("What is the capital of France?", max_new_tokens=8, stop=["\n"])
     assert result.completion_tokens >= 1 and "\n" not in result.text
     assert result.bytes_sent == 30 + -(-result.prompt_tokens * 72 * 4 // 8)
     assert result.privacy.mu_clt == pytest.approx(settings.default_mu, rel=1e-6)
+    assert result.soft_prompt_exact and result.soft_prompt_mu == settings.default_mu
