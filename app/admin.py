@@ -6,6 +6,7 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 
 import hashlib
 import hmac
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -20,7 +21,7 @@ from app.service import InferenceService
 from app.settings import ServerSettings
 from app.training.config import load_text
 from app.training.data import DataError, parse_upload, text_sha256
-from app.training.jobs import Job, JobConflict, JobManager, upload_dir
+from app.training.jobs import Job, JobConflict, JobManager, artifact_root, upload_dir
 from app.training.projection import ProjectionConfig
 from app.training.soft_prompt import SoftPromptConfig
 
@@ -73,8 +74,8 @@ def admin_router(settings: ServerSettings) -> APIRouter:
     def jobs(request: Request) -> JobManager:
         return request.app.state.jobs
 
-    def root(kind: ArtifactKind):
-        return settings.projection_dir if kind == "projections" else settings.soft_prompt_dir
+    def root(kind: ArtifactKind) -> Path:
+        return artifact_root(settings, "projection" if kind == "projections" else "soft_prompt")
 
     def submit(request: Request, body: ProjectionJobRequest | SoftPromptJobRequest) -> Job:
         try:

@@ -17,6 +17,10 @@ DATA = typer.Option("wikitext-2-valid", help="a corpus name (see app.training.da
 CHECKPOINT = typer.Option(None, help="checkpoint file (default: <cache>/checkpoints/<kind>-<name>.pt); "
                                      "a run with the same settings resumes from it")
 ACTIVATE = typer.Option(False, "--activate", help="mark the artifact served")
+BATCH_SIZE = typer.Option(8, help="segments per step")
+PREFIX_TOKENS = typer.Option(64, help="tokens per segment sent privately (the prompt part)")
+CONTINUATION_TOKENS = typer.Option(64, help="clean tokens per segment after them (the answer part)")
+SEED = typer.Option(0, help="seeds each step's batch and noise (a resumed run repeats them exactly)")
 
 
 def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, activate: bool) -> None:
@@ -27,14 +31,14 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
     from app.model_runner import ModelRunner
     from app.service import published_projections
     from app.settings import ServerSettings
-    from app.training.jobs import run_training
+    from app.training.jobs import artifact_root, run_training
     from app.training.projection import ProjectionConfig
     from app.training.soft_prompt import SoftPromptConfig
 
     settings = ServerSettings(**({"model": model} if model else {}))
     config_type = ProjectionConfig if kind == "projection" else SoftPromptConfig
     runner = ModelRunner.load(settings.model, settings.cache_dir, settings.device)
-    if kind == "soft-prompt" and fields["projection_id"] is None:
+    if kind == "soft_prompt" and fields["projection_id"] is None:
         fields["projection_id"] = next(iter(published_projections(runner, settings)))
     try:
         config = config_type(**fields)
@@ -55,7 +59,7 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
         raise typer.BadParameter(str(err)) from None
     finally:
         bar.close()
-    root = settings.projection_dir if kind == "projection" else settings.soft_prompt_dir
+    root = artifact_root(settings, kind)
     if activate:
         set_active(root / config.name, True)
     checkpoint.unlink(missing_ok=True)
@@ -74,12 +78,12 @@ def projection(
     bits: int = typer.Option(4, "--bits", "-n"),
     mu_min: float = typer.Option(10.0, help="noise-aware: per-segment mu is log-uniform in [mu_min, mu_max]"),
     mu_max: float = typer.Option(50.0),
+    lr: float = typer.Option(1e-3, help="Adam learning rate"),
     steps: int = typer.Option(150),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(1e-3),
-    prefix_tokens: int = typer.Option(64),
-    continuation_tokens: int = typer.Option(64),
-    seed: int = typer.Option(0),
+    batch_size: int = BATCH_SIZE,
+    prefix_tokens: int = PREFIX_TOKENS,
+    continuation_tokens: int = CONTINUATION_TOKENS,
+    seed: int = SEED,
     model: str | None = MODEL,
     checkpoint: Path | None = CHECKPOINT,
     activate: bool = ACTIVATE,
@@ -100,11 +104,11 @@ def soft_prompt(
     data: str = DATA,
     virtual_tokens: int = typer.Option(32, "--virtual-tokens", "-m"),
     steps: int = typer.Option(100),
-    batch_size: int = typer.Option(8),
+    batch_size: int = BATCH_SIZE,
     lr: float = typer.Option(1e-2),
-    prefix_tokens: int = typer.Option(64),
-    continuation_tokens: int = typer.Option(64),
-    seed: int = typer.Option(0),
+    prefix_tokens: int = PREFIX_TOKENS,
+    continuation_tokens: int = CONTINUATION_TOKENS,
+    seed: int = SEED,
     model: str | None = MODEL,
     checkpoint: Path | None = CHECKPOINT,
     activate: bool = ACTIVATE,
@@ -113,4 +117,4 @@ def soft_prompt(
     fields = dict(name=name, mu=mu, bits=bits, projection_id=projection_id, data=data,
                   virtual_tokens=virtual_tokens, steps=steps, batch_size=batch_size, lr=lr,
                   prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, seed=seed)
-    _run("soft-prompt", fields, model, checkpoint, activate)
+    _run("soft_prompt", fields, model, checkpoint, activate)

@@ -9,7 +9,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.artifacts import NAME
-from app.training.data import CORPORA, DataError, parse_upload, read_corpus, split_held_out, token_segments
+from app.training.data import (CORPORA, DataError, parse_upload, read_corpus, split_held_out, text_sha256,
+                               token_segments)
+from app.training.loop import LoopState
 
 UPLOAD = re.compile(r"^upload:([0-9a-f]{64})$")
 
@@ -56,3 +58,16 @@ def held_out_loss(loss_fn, held: torch.Tensor, batch_size: int, seed: int) -> fl
             batch = held[start : start + batch_size]
             total += float(loss_fn(batch, generator)) * len(batch)
     return total / len(held)
+
+
+def training_record(model_id: str, config: TrainingConfig, text: str, train: torch.Tensor, state: LoopState) -> dict:
+    """The manifest fields every trained artifact records: what it is for, what it saw, how training went."""
+    return {
+        "model_id": model_id,
+        "active": False,
+        "config": config.model_dump(),
+        "data_sha256": text_sha256(text),
+        "train_segments": len(train),
+        "steps": state.step,
+        "loss_curve": state.losses,
+    }

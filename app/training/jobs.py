@@ -31,6 +31,11 @@ def upload_dir(settings: ServerSettings) -> Path:
     return settings.cache_dir / "uploads"
 
 
+def artifact_root(settings: ServerSettings, kind: str) -> Path:
+    """Where artifacts of `kind` ("projection" or "soft_prompt") live."""
+    return settings.projection_dir if kind == "projection" else settings.soft_prompt_dir
+
+
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
                  projections: dict[str, Projection], *, checkpoint: Path | None = None,
                  cancel: threading.Event | None = None,
@@ -164,8 +169,7 @@ class JobManager:
     def _work(self) -> None:
         while (job_id := self._queue.get()) is not None:
             job = self.get(job_id)
-            cancel = self._cancel[job_id]
-            if job.state != JobState.queued or cancel.is_set():
+            if job.state != JobState.queued or self._cancel[job_id].is_set():
                 continue
             job.state = JobState.running
             self._save(job)
@@ -177,25 +181,28 @@ class JobManager:
                 if step % 5 == 0:
                     self._save(job)
 
-            checkpoint = self.root / job.id / "checkpoint.pt"
             try:
-                config = job.parsed_config()
-                manifest = run_training(self.runner, self.settings, config, self.projections(),
-                                        checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+                self._run(job, on_step)
             except Cancelled:
                 self._finish(job, JobState.interrupted if self._closing else JobState.cancelled)
             except Exception as err:  # any failure ends the job, never the worker
                 job.error = f"{type(err).__name__}: {err}"
                 self._finish(job, JobState.failed)
             else:
-                job.losses = manifest["loss_curve"]
-                job.held_out = {k: v for k, v in manifest.items() if k.startswith("held_out_loss")}
-                root = self.settings.projection_dir if job.kind == "projection" else self.settings.soft_prompt_dir
-                if job.activate:
-                    set_active(root / config.name, True)
-                checkpoint.unlink(missing_ok=True)
                 self._finish(job, JobState.succeeded)
-                self.on_artifact()
+
+    def _run(self, job: Job, on_step: Callable[[int, float], None]) -> None:
+        """Train, record the result on the job, activate the artifact if asked, and have it served."""
+        checkpoint = self.root / job.id / "checkpoint.pt"
+        config = job.parsed_config()
+        manifest = run_training(self.runner, self.settings, config, self.projections(), checkpoint=checkpoint,
+                                cancel=self._cancel[job.id], on_step=on_step)
+        job.losses = manifest["loss_curve"]
+        job.held_out = {k: v for k, v in manifest.items() if k.startswith("held_out_loss")}
+        if job.activate:
+            set_active(artifact_root(self.settings, job.kind) / config.name, True)
+        checkpoint.unlink(missing_ok=True)
+        self.on_artifact()  # served before the job reports success
 
     def _finish(self, job: Job, state: JobState) -> None:
         job.state, job.finished = state, time.time()

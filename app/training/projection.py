@@ -19,8 +19,7 @@ from pydantic import Field, model_validator
 
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection, pca_projection, publish, save_projection
-from app.training.config import TrainingConfig, held_out_loss, training_segments
-from app.training.data import text_sha256
+from app.training.config import TrainingConfig, held_out_loss, training_record, training_segments
 from app.training.loop import train_loop
 from app.training.mechanism import privatize
 from client_sdk.mechanism import MechanismParams
@@ -84,14 +83,8 @@ def train_projection(runner: ModelRunner, config: ProjectionConfig, text: str, o
                          clip=config.clip)
     manifest = {
         "kind": "projection",
-        "model_id": runner.model_id,
         "id": publish(trained, table).id,
-        "active": False,
-        "config": config.model_dump(),
-        "data_sha256": text_sha256(text),
-        "train_segments": len(train),
-        "steps": state.step,
-        "loss_curve": state.losses,
+        **training_record(runner.model_id, config, text, train, state),
         "held_out_loss_pca": before,
         "held_out_loss": held_out_loss(projection_loss(runner, trained, config), held, config.batch_size,
                                        config.seed),

@@ -17,8 +17,7 @@ from pydantic import Field
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection
 from app.soft_prompts import save_soft_prompt
-from app.training.config import TrainingConfig, held_out_loss, training_segments
-from app.training.data import text_sha256
+from app.training.config import TrainingConfig, held_out_loss, training_record, training_segments
 from app.training.evaluate import continuation_loss
 from app.training.loop import train_loop
 from app.training.mechanism import privatize
@@ -76,16 +75,10 @@ def train_soft_prompt(runner: ModelRunner, projection: Projection, config: SoftP
                        run_key=config.model_dump_json(), checkpoint=checkpoint, cancel=cancel, on_step=on_step)
     manifest = {
         "kind": "soft_prompt",
-        "model_id": runner.model_id,
         "projection_id": config.projection_id,
         "bits": config.bits,
         "mu": config.mu,
-        "active": False,
-        "config": config.model_dump(),
-        "data_sha256": text_sha256(text),
-        "train_segments": len(train),
-        "steps": state.step,
-        "loss_curve": state.losses,
+        **training_record(runner.model_id, config, text, train, state),
         "held_out_loss": held_out_loss(loss, held, config.batch_size, config.seed),
         "held_out_loss_without_prompt": held_out_loss(private_prefix_loss(runner, projection, config, None), held,
                                                       config.batch_size, config.seed),
