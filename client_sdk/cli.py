@@ -129,6 +129,21 @@ def demo(
         server.wait(timeout=30)
 
 
+BENCHMARKS = ("client", "server", "privacy", "utility")
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of {', '.join(BENCHMARKS)}")) -> None:
+    """Run a benchmark from bench/ (arguments after NAME go to it; `veil bench NAME -- --help` lists them)."""
+    import runpy
+    import sys
+
+    if name not in BENCHMARKS:
+        raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    sys.argv = [f"veil bench {name}", *ctx.args]
+    runpy.run_module(f"bench.{name}", run_name="__main__")
+
+
 def main() -> None:
     cli()
 

@@ -204,3 +204,12 @@ def test_shipped_artifacts_are_consistent() -> None:
         assert manifest["held_out_loss"] < manifest["held_out_loss_without_prompt"], name
         config = json.loads((settings.soft_prompt_dir / name / "adapter_config.json").read_text())
         assert (config["peft_type"], config["token_dim"]) == ("PROMPT_TUNING", 576)
+
+
+def test_veil_bench_refuses_an_unknown_benchmark() -> None:
+    from typer.testing import CliRunner
+
+    from client_sdk.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "nope"])
+    assert result.exit_code != 0 and "unknown benchmark" in result.output
