@@ -6,7 +6,8 @@ Every row scores the same fixed sample (evenly spaced 64-token prefix + 64-token
 with the same noise seed per mu. The prefix goes through the client's real path: its int8 projected
 table, the clip and the stochastic quantizer, then the server's dequantization and decoder. Floors:
 sending nothing (the continuation after one start token) and a soft prompt with nothing sent (what the
-soft prompt alone knows about the domain). "Retained" is (NLL_nothing - NLL_row) / (NLL_nothing - NLL_clean).
+soft prompt alone knows about the domain). Two attacks by the server on the same payloads report the share of
+prompt tokens it recovers exactly (see bench/attacks.py). "Retained" is (NLL_nothing - NLL_row) / (NLL_nothing - NLL_clean).
 
 Prints a markdown table, writes bench/results/utility.json, and (with matplotlib, `pip install .[bench]`)
 plots it with the artifacts' training curves to docs/img/utility.png and docs/img/training-curves.png.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from app.artifacts import manifests
+from bench.attacks import maximum_likelihood, nearest_neighbour, recovery_rate
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, pca_projection, publish
 from app.settings import ServerSettings
@@ -49,14 +51,23 @@ def mean_nll(model, prefixes: torch.Tensor, continuations: torch.Tensor, batch: 
     return float(torch.cat(losses).mean())
 
 
-def received(projection: Projection, projected: np.ndarray, prefix_ids: torch.Tensor, params: MechanismParams,
-             seed: int) -> torch.Tensor:
-    """What the server reconstructs from the client's payload for these prefixes (B x P x b).
+def send(projected: np.ndarray, prefix_ids: torch.Tensor, params: MechanismParams, seed: int) -> np.ndarray:
+    """The levels the client sends for these prefixes (B x P x k), from its table as it loads it."""
+    return quantize(projected[prefix_ids.numpy()], params, secure_rng(seed))
 
-    `projected` is the client's table as it loads it (int8 times scale, pre-clipped).
-    """
-    levels = quantize(projected[prefix_ids.numpy()], params, secure_rng(seed))
+
+def reconstruct(projection: Projection, levels: np.ndarray, params: MechanismParams) -> torch.Tensor:
+    """What the server rebuilds from the levels (B x P x b)."""
     return projection.reconstruct(torch.from_numpy(dequantize(levels, params)))
+
+
+def attack_rates(levels: np.ndarray, projection: Projection, projected: np.ndarray, table: torch.Tensor,
+                 params: MechanismParams, truth: torch.Tensor) -> dict[str, float]:
+    """Exact token recovery by the server: nearest-neighbour inversion and the maximum-likelihood attack."""
+    flat = levels.reshape(-1, levels.shape[-1])
+    rebuilt = reconstruct(projection, flat, params).numpy()
+    return {"nearest-neighbour attack": recovery_rate(nearest_neighbour(rebuilt, table.numpy()), truth.flatten()),
+            "maximum-likelihood attack": recovery_rate(maximum_likelihood(flat, projected, params), truth.flatten())}
 
 
 def main() -> None:
@@ -90,17 +101,19 @@ def main() -> None:
         row = {"mu": mu, "epsilon_per_token": report.epsilon_per_token, "epsilon_prompt": report.epsilon,
                "soft prompt, nothing sent": mean_nll(model, soft_batch, continuations)}
         for label, projection in projections.items():
-            prefix = received(projection, client_tables[label], prefix_ids, params, args.seed)
+            sent = send(client_tables[label], prefix_ids, params, args.seed)
+            prefix = reconstruct(projection, sent, params)
             row[f"{label}, no soft prompt"] = mean_nll(model, prefix, continuations)
             if label == "noise-aware trained":
                 row[f"{label} + soft prompt"] = mean_nll(model, torch.cat([soft_batch, prefix], 1), continuations)
+                row["attacks"] = attack_rates(sent, projection, client_tables[label], table, params, prefix_ids)
         levels.append(row)
         print(f"mu={mu:g} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     def retained(value: float) -> float:
         return (nll["sending nothing"] - value) / (nll["sending nothing"] - nll["clean prefix"])
 
-    labels = [k for k in levels[0] if k not in ("mu", "epsilon_per_token", "epsilon_prompt")]
+    labels = [k for k in levels[0] if k not in ("mu", "epsilon_per_token", "epsilon_prompt", "attacks")]
     print(f"\nSmolLM2-135M-Instruct, WikiText-2 test, {len(segments)} segments of {PREFIX}+{CONTINUATION} tokens, "
           f"k=72, n={args.bits}; perplexity (context retained)\n")
     print("| row | " + " | ".join(f"mu={r['mu']:g} (eps {r['epsilon_per_token']:.3g}/token, "
@@ -111,6 +124,9 @@ def main() -> None:
     for label in labels:
         print(f"| {label} | " + " | ".join(f"{math.exp(r[label]):.1f} ({retained(r[label]):+.2f})"
                                           for r in levels) + " |")
+    for attack in levels[0]["attacks"]:
+        print(f"| {attack}: tokens recovered (noise-aware projection) | "
+              + " | ".join(f"{r['attacks'][attack]:.1%}" for r in levels) + " |")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"segments": len(segments), "bits": args.bits, "seed": args.seed,
                                    "nll": nll, "levels": levels,
