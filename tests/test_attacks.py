@@ -52,3 +52,14 @@ def test_the_audit_never_exceeds_the_accountant(mu: float) -> None:
     params = MechanismParams.from_mu(mu, bits=4, dim=72, clip=2.0)
     audit = audit_epsilon(params, tokens=1, samples=40_000, delta=1e-5, rng=np.random.default_rng(0))
     assert 0 < audit.epsilon_lower <= privacy_report(params, 1).epsilon_per_token
+
+
+def test_the_gaussian_baseline_has_the_calibrated_noise_and_its_quantized_form_n_bits() -> None:
+    from bench.baselines import clip_norm, gaussian_mechanism, quantize_uniform
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(20_000, 8)) * 3
+    assert np.linalg.norm(clip_norm(rows, 1.5), axis=1).max() == pytest.approx(1.5)
+    noisy = gaussian_mechanism(np.zeros((20_000, 8)), bound=1.5, mu=2.0, rng=rng)
+    assert noisy.std() == pytest.approx(2 * 1.5 / 2.0, rel=0.02)  # sigma = 2C / mu
+    assert len(np.unique(quantize_uniform(noisy, 2, 3.0))) == 4
