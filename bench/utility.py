@@ -4,10 +4,14 @@
 
 Every row scores the same fixed sample (evenly spaced 64-token prefix + 64-token continuation segments)
 with the same noise seed per mu. The prefix goes through the client's real path: its int8 projected
-table, the clip and the stochastic quantizer, then the server's dequantization and decoder. Floors:
-sending nothing (the continuation after one start token) and a soft prompt with nothing sent (what the
-soft prompt alone knows about the domain). Two attacks by the server on the same payloads report the share of
-prompt tokens it recovers exactly (see bench/attacks.py). "Retained" is (NLL_nothing - NLL_row) / (NLL_nothing - NLL_clean).
+table, the clip and the stochastic quantizer, then the server's dequantization and decoder.
+
+Floors: sending nothing (the continuation after one start token); each level's soft prompt with nothing
+sent; and each level's soft prompt after the privatized prefix of *another* segment, which has the same noise
+but no information about this continuation: the gap between it and the matched row is what the private
+prompt itself contributes, as opposed to what the soft prompt knows about the domain. Two attacks by the server on
+the same payloads report the share of prompt tokens it recovers exactly (see bench/attacks.py).
+"Retained" is (NLL_nothing - NLL_row) / (NLL_nothing - NLL_clean).
 
 Prints a markdown table, writes bench/results/utility.json, and (with matplotlib, `pip install .[bench]`)
 plots it with the artifacts' training curves to docs/img/utility.png and docs/img/training-curves.png.
@@ -42,6 +46,7 @@ PREFIX, CONTINUATION = 64, 64
 PROJECTIONS = {"PCA": None, "noise-free trained": "smollm2-k72-noise-free",
                "noise-aware trained": "smollm2-k72-noise-aware"}
 SOFT_PROMPT = "smollm2-k72-n{bits}-mu{mu:g}"
+MISMATCHED = "noise-aware trained + soft prompt, another segment's prefix"
 
 
 def mean_nll(model, prefixes: torch.Tensor, continuations: torch.Tensor, batch: int = 8) -> float:
@@ -106,6 +111,7 @@ def main() -> None:
             row[f"{label}, no soft prompt"] = mean_nll(model, prefix, continuations)
             if label == "noise-aware trained":
                 row[f"{label} + soft prompt"] = mean_nll(model, torch.cat([soft_batch, prefix], 1), continuations)
+                row[MISMATCHED] = mean_nll(model, torch.cat([soft_batch, prefix.roll(1, 0)], 1), continuations)
                 row["attacks"] = attack_rates(sent, projection, client_tables[label], table, params, prefix_ids)
         levels.append(row)
         print(f"mu={mu:g} done ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -198,9 +198,9 @@ def test_shipped_artifacts_are_consistent() -> None:
     projections = manifests(settings.projection_dir, "smollm2")
     served = {m["id"] for m in projections.values() if m["active"]}
     prompts = manifests(settings.soft_prompt_dir, "smollm2")
-    assert len(served) == 1 and len(prompts) >= 3
+    assert len(served) == 1 and sum(m["active"] for m in prompts.values()) >= 3
     for name, manifest in prompts.items():
-        assert manifest["active"] and manifest["projection_id"] in served, name
+        assert manifest["projection_id"] in served, name
         assert manifest["held_out_loss"] < manifest["held_out_loss_without_prompt"], name
         config = json.loads((settings.soft_prompt_dir / name / "adapter_config.json").read_text())
         assert (config["peft_type"], config["token_dim"]) == ("PROMPT_TUNING", 576)
