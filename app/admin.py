@@ -87,7 +87,8 @@ def admin_router(settings: ServerSettings) -> APIRouter:
         manager = jobs(request)
         if isinstance(config, SoftPromptConfig) and config.projection_id not in manager.projections():
             raise HTTPException(422, f"no projection {config.projection_id!r} on this server")
-        if (root("projections" if isinstance(config, ProjectionConfig) else "soft-prompts") / config.name).exists():
+        kind = "projection" if isinstance(config, ProjectionConfig) else "soft_prompt"
+        if (artifact_root(settings, kind) / config.name).exists():
             raise HTTPException(409, f"an artifact named {config.name!r} exists; delete it or pick another name")
         return manager.submit(config, activate=body.activate)
 

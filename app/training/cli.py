@@ -27,7 +27,6 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
     from pydantic import ValidationError
     from tqdm import tqdm
 
-    from app.artifacts import set_active
     from app.model_runner import ModelRunner
     from app.service import published_projections
     from app.settings import ServerSettings
@@ -54,15 +53,13 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
         bar.set_postfix(loss=f"{loss:.3f}")
 
     try:
-        manifest = run_training(runner, settings, config, projections, checkpoint=checkpoint, on_step=on_step)
+        manifest = run_training(runner, settings, config, projections, activate=activate, checkpoint=checkpoint,
+                                on_step=on_step)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     finally:
         bar.close()
     root = artifact_root(settings, kind)
-    if activate:
-        set_active(root / config.name, True)
-    checkpoint.unlink(missing_ok=True)
     held = {k: round(v, 4) for k, v in manifest.items() if k.startswith("held_out_loss")}
     typer.echo(f"wrote {root / config.name} ({'active' if activate else 'inactive'}); held-out loss {held}")
 

@@ -37,18 +37,27 @@ def artifact_root(settings: ServerSettings, kind: str) -> Path:
 
 
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
-                 projections: dict[str, Projection], *, checkpoint: Path | None = None,
+                 projections: dict[str, Projection], *, activate: bool = False, checkpoint: Path | None = None,
                  cancel: threading.Event | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> dict:
-    """Run one training config to its artifact; `projections` (by id) are those a soft prompt may target."""
+    """Run one training config to its artifact (served if `activate`) and drop its checkpoint; returns the manifest.
+
+    `projections` (by id) are those a soft prompt may target.
+    """
     text = load_text(config.data, settings.data_dir, upload_dir(settings))
     if isinstance(config, ProjectionConfig):
-        return train_projection(runner, config, text, settings.projection_dir, checkpoint=checkpoint,
-                                cancel=cancel, on_step=on_step)
-    if config.projection_id not in projections:
+        manifest = train_projection(runner, config, text, settings.projection_dir, checkpoint=checkpoint,
+                                    cancel=cancel, on_step=on_step)
+    elif config.projection_id not in projections:
         raise ValueError(f"no projection {config.projection_id!r} on this server; known: {', '.join(projections)}")
-    return train_soft_prompt(runner, projections[config.projection_id], config, text, settings.soft_prompt_dir,
-                             checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+    else:
+        manifest = train_soft_prompt(runner, projections[config.projection_id], config, text,
+                                     settings.soft_prompt_dir, checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+    if activate:
+        manifest = set_active(artifact_root(settings, manifest["kind"]) / config.name, True)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return manifest
 
 
 class JobState(str, Enum):
@@ -194,14 +203,10 @@ class JobManager:
     def _run(self, job: Job, on_step: Callable[[int, float], None]) -> None:
         """Train, record the result on the job, activate the artifact if asked, and have it served."""
         checkpoint = self.root / job.id / "checkpoint.pt"
-        config = job.parsed_config()
-        manifest = run_training(self.runner, self.settings, config, self.projections(), checkpoint=checkpoint,
-                                cancel=self._cancel[job.id], on_step=on_step)
+        manifest = run_training(self.runner, self.settings, job.parsed_config(), self.projections(), activate=job.activate,
+                                checkpoint=checkpoint, cancel=self._cancel[job.id], on_step=on_step)
         job.losses = manifest["loss_curve"]
         job.held_out = {k: v for k, v in manifest.items() if k.startswith("held_out_loss")}
-        if job.activate:
-            set_active(artifact_root(self.settings, job.kind) / config.name, True)
-        checkpoint.unlink(missing_ok=True)
         self.on_artifact()  # served before the job reports success
 
     def _finish(self, job: Job, state: JobState) -> None:
