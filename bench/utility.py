@@ -34,36 +34,18 @@ from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, pca_projection, publish
 from app.settings import ServerSettings
 from app.soft_prompts import load_soft_prompt
-from app.training.data import evenly_spaced, read_corpus, token_segments
-from app.training.evaluate import continuation_loss, start_prefix
+from app.training.evaluate import start_prefix
+from bench.pipeline import CONTINUATION, PREFIX, load_sample, mean_nll, reconstruct, send, start_token
 from client_sdk.accounting import privacy_report
 from client_sdk.bundle import load_projected_table
-from client_sdk.mechanism import MechanismParams, dequantize, quantize, secure_rng
+from client_sdk.mechanism import MechanismParams
 
 RESULTS = Path(__file__).parent / "results" / "utility.json"
 IMAGES = Path(__file__).parents[1] / "docs" / "img"
-PREFIX, CONTINUATION = 64, 64
 PROJECTIONS = {"PCA": None, "noise-free trained": "smollm2-k72-noise-free",
                "noise-aware trained": "smollm2-k72-noise-aware"}
 SOFT_PROMPT = "smollm2-k72-n{bits}-mu{mu:g}"
 MISMATCHED = "noise-aware trained + soft prompt, another segment's prefix"
-
-
-def mean_nll(model, prefixes: torch.Tensor, continuations: torch.Tensor, batch: int = 8) -> float:
-    with torch.inference_mode():
-        losses = [continuation_loss(model, prefixes[i : i + batch], continuations[i : i + batch])
-                  for i in range(0, len(continuations), batch)]
-    return float(torch.cat(losses).mean())
-
-
-def send(projected: np.ndarray, prefix_ids: torch.Tensor, params: MechanismParams, seed: int) -> np.ndarray:
-    """The levels the client sends for these prefixes (B x P x k), from its table as it loads it."""
-    return quantize(projected[prefix_ids.numpy()], params, secure_rng(seed))
-
-
-def reconstruct(projection: Projection, levels: np.ndarray, params: MechanismParams) -> torch.Tensor:
-    """What the server rebuilds from the levels (B x P x b)."""
-    return projection.reconstruct(torch.from_numpy(dequantize(levels, params)))
 
 
 def attack_rates(levels: np.ndarray, projection: Projection, projected: np.ndarray, table: torch.Tensor,
@@ -86,14 +68,11 @@ def main() -> None:
     settings = ServerSettings()
     runner = ModelRunner.load(settings.model, settings.cache_dir)
     model, table = runner.model, runner.input_embeddings.detach()
-    segments = evenly_spaced(token_segments(read_corpus("wikitext-2-test", settings.data_dir), runner.tokenizer,
-                                            PREFIX + CONTINUATION), args.segments)
-    prefix_ids, continuations = segments[:, :PREFIX], segments[:, PREFIX:]
-    start_id = runner.tokenizer.bos_token_id if runner.tokenizer.bos_token_id is not None else \
-        runner.tokenizer.eos_token_id
+    prefix_ids, continuations = load_sample(runner, settings.data_dir, args.segments)
+    start_id = start_token(runner.tokenizer)
     started = time.perf_counter()
     nll = {"clean prefix": mean_nll(model, table[prefix_ids], continuations),
-           "sending nothing": mean_nll(model, start_prefix(model, start_id, len(segments)), continuations)}
+           "sending nothing": mean_nll(model, start_prefix(model, start_id, len(continuations)), continuations)}
     projections = {label: (pca_projection(table, 72, settings.clip) if name is None
                            else load_projection(settings.projection_dir / name)) for label, name in PROJECTIONS.items()}
     client_tables = {label: load_projected_table(publish(p, table).table_bytes) for label, p in projections.items()}
@@ -102,7 +81,7 @@ def main() -> None:
         params = MechanismParams.from_mu(mu, bits=args.bits, dim=72, clip=settings.clip)
         report = privacy_report(params, PREFIX)
         soft = load_soft_prompt(settings.soft_prompt_dir / SOFT_PROMPT.format(bits=args.bits, mu=mu)).embeddings
-        soft_batch = soft.expand(len(segments), -1, -1)
+        soft_batch = soft.expand(len(continuations), -1, -1)
         row = {"mu": mu, "epsilon_per_token": report.epsilon_per_token, "epsilon_prompt": report.epsilon,
                "soft prompt, nothing sent": mean_nll(model, soft_batch, continuations)}
         for label, projection in projections.items():
@@ -120,7 +99,7 @@ def main() -> None:
         return (nll["sending nothing"] - value) / (nll["sending nothing"] - nll["clean prefix"])
 
     labels = [k for k in levels[0] if k not in ("mu", "epsilon_per_token", "epsilon_prompt", "attacks")]
-    print(f"\nSmolLM2-135M-Instruct, WikiText-2 test, {len(segments)} segments of {PREFIX}+{CONTINUATION} tokens, "
+    print(f"\nSmolLM2-135M-Instruct, WikiText-2 test, {len(continuations)} segments of {PREFIX}+{CONTINUATION} tokens, "
           f"k=72, n={args.bits}; perplexity (context retained)\n")
     print("| row | " + " | ".join(f"mu={r['mu']:g} (eps {r['epsilon_per_token']:.3g}/token, "
                                     f"{r['epsilon_prompt']:.3g}/prompt)" for r in levels) + " |")
@@ -134,7 +113,7 @@ def main() -> None:
         print(f"| {attack}: tokens recovered (noise-aware projection) | "
               + " | ".join(f"{r['attacks'][attack]:.1%}" for r in levels) + " |")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"segments": len(segments), "bits": args.bits, "seed": args.seed,
+    RESULTS.write_text(json.dumps({"segments": len(continuations), "bits": args.bits, "seed": args.seed,
                                    "nll": nll, "levels": levels,
                                    "seconds": time.perf_counter() - started}, indent=2) + "\n")
     plot(nll, levels, labels, settings)

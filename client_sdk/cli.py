@@ -129,7 +129,7 @@ def demo(
         server.wait(timeout=30)
 
 
-BENCHMARKS = ("client", "server", "privacy", "utility")
+BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -141,7 +141,7 @@ def bench(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of {', 
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
     sys.argv = [f"veil bench {name}", *ctx.args]
-    runpy.run_module(f"bench.{name}", run_name="__main__")
+    runpy.run_module(f"bench.{name.replace('-', '_')}", run_name="__main__")
 
 
 def main() -> None:
