@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.files import write_json_atomic
+from app.files import write_bytes_atomic, write_json_atomic
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, pca_projection, publish
 from app.settings import ServerSettings
@@ -74,9 +74,9 @@ class Plan:
     seed: int = 0
 
 
-FULL = Plan(segments=64, mus=(0.5, 1.5, 5.0, 10.0, 20.0, 50.0), bits=(2, 4), new_tokens=32,
+FULL = Plan(segments=40, mus=(0.5, 1.5, 5.0, 10.0, 20.0, 50.0), bits=(2, 4), new_tokens=32,
             audit_samples=1_000_000, search_steps=8)
-QUICK = Plan(segments=8, mus=(1.5, 50.0), bits=(2, 4), new_tokens=16, audit_samples=20_000, search_steps=4)
+QUICK = Plan(segments=8, mus=(1.5, 50.0), bits=(4,), new_tokens=16, audit_samples=20_000, search_steps=3)
 
 
 Encoder = Callable[[list[str]], np.ndarray]
@@ -303,7 +303,7 @@ def run(bench: Bench, path: Path, fresh: bool = False) -> dict:
         results["seconds"] += results["cells"][key]["seconds"]
         write_json_atomic(path, results)
     results["communication"] = bench.communication()
-    results.update(gaussian_bound=bench.gaussian_bound, dim=bench.dim, clip=bench.clip)
+    results.update(gaussian_bound=bench.gaussian_bound, dim=bench.dim, clip=bench.clip, reference=bench.references[0])
     write_json_atomic(path, results)
     return results
 
@@ -319,7 +319,7 @@ def main() -> None:
     bench = Bench.from_settings(ServerSettings(), plan)
     results = run(bench, args.out / f"{stem}.json", fresh=args.fresh)
     markdown = render(results)
-    (args.out / f"{stem}.md").write_text(markdown)
+    write_bytes_atomic(args.out / f"{stem}.md", markdown.encode())
     print(markdown)
     images = args.out if args.quick else IMAGES
     for image in plot(results, images, prefix=stem):

@@ -26,6 +26,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def _eps(value: float) -> str:
     return f"{value:.3g}" if value < 1e4 else f"{value:.2e}"
 
@@ -108,6 +112,13 @@ def render(results: dict) -> str:
                          f"{a['false_positive_rate']:.2g}", f"{a['false_negative_rate']:.2g}", f"{a['samples']:,}"])
     out.append(_table(["n", "mu", "accountant epsilon", "audit lower bound", "FPR", "FNR", "samples per side"], rows))
 
+    out += ["", f"**Examples**: the first segment's greedy continuation ({plan['new_tokens']} tokens)", ""]
+    reference = results.get("reference", "")
+    examples = [["reference continuation", reference]] + [[label, cells[key]["example"]] for key, label in FLOORS.items()]
+    examples += [[f"{ROW_NAMES['del-trained-sp']}, n={bits[-1]}, mu={mu:g}", cells[f"del-trained-sp/n{bits[-1]}/mu{mu:g}"]
+                  ["example"]] for mu in mus]
+    out.append(_table(["row", "text"], [[label, _one_line(text)] for label, text in examples]))
+
     if "communication" in results:
         comm = results["communication"]
         out += ["", f"**Communication** per token (model width b={comm['width']}; DEL payloads encoded for a "
@@ -144,8 +155,10 @@ def plot(results: dict, directory: Path, prefix: str) -> list[Path]:
         for row, (metric, label) in enumerate((("nll", "perplexity (log scale)"), ("coh", "COH"))):
             ax = axes[row][column]
             for key, name in ROW_NAMES.items():
-                values = [cells[f"{key}/n{n}/mu{mu:g}"][metric] for mu in mus]
-                ax.plot(mus, [math.exp(v) for v in values] if metric == "nll" else values, marker="o", label=name)
+                row_cells = [cells[f"{key}/n{n}/mu{mu:g}"] for mu in mus]
+                values = [c[metric] for c in row_cells]
+                ax.plot([c["epsilon_per_token"] for c in row_cells], [math.exp(v) for v in values]
+                        if metric == "nll" else values, marker="o", label=name)
             for key, style in (("nothing", "--"), ("clean", ":"), ("random", "-.")):
                 value = cells[key][metric]
                 ax.axhline(math.exp(value) if metric == "nll" else value, color="black", linestyle=style,
@@ -153,11 +166,12 @@ def plot(results: dict, directory: Path, prefix: str) -> list[Path]:
             ax.set_xscale("log")
             if metric == "nll":
                 ax.set_yscale("log")
-            ax.set_xlabel("mu per token (CLT calibration)")
+            ax.set_xlabel("epsilon per token (exact, delta 1e-5; points at mu = " + ", ".join(f"{m:g}" for m in mus)
+                          + ")", fontsize=8)
             ax.set_ylabel(label)
             ax.set_title(f"n={n}", fontsize=9)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{results['model']}, WikiText-2 test: utility against the privacy parameter", fontsize=10)
+    fig.suptitle(f"{results['model']}, WikiText-2 test: utility against formal privacy", fontsize=10)
     fig.tight_layout()
     utility_path = directory / f"{prefix}-utility.png"
     fig.savefig(utility_path, dpi=110)

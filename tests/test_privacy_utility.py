@@ -113,3 +113,12 @@ def test_the_plots_are_written(saved, tmp_path) -> None:
     from bench.privacy_utility_report import plot
 
     assert all(path.stat().st_size > 10_000 for path in plot(saved[1], tmp_path, "tiny"))
+
+
+def test_veil_bench_runs_the_hyphenated_benchmark() -> None:
+    from typer.testing import CliRunner
+
+    from client_sdk.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "privacy-utility", "--", "--help"])
+    assert result.exit_code == 0 and "--quick" in result.output
