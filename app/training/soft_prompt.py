@@ -43,21 +43,31 @@ def init_from_text(runner: ModelRunner, text: str, length: int) -> torch.Tensor:
     return runner.input_embeddings[torch.tensor(ids)].detach().clone()
 
 
+def privatized_prefix(runner: ModelRunner, projection: Projection, config: SoftPromptConfig) -> Callable:
+    """(prefix ids, generator) -> what the server rebuilds after the client's mechanism (no gradient)."""
+    table = runner.input_embeddings
+    scale = MechanismParams.from_mu(config.mu, bits=config.bits, dim=projection.dim, clip=projection.clip).scale
+
+    def received(prefix: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            z = privatize(projection.project(table[prefix.to(table.device)]), projection.clip, scale, config.bits,
+                          generator)
+            return projection.reconstruct(z)
+
+    return received
+
+
 def private_prefix_loss(runner: ModelRunner, projection: Projection, config: SoftPromptConfig,
                         soft_prompt: torch.Tensor | None) -> Callable:
     """(segments, generator) -> mean continuation loss after [soft prompt, privatized prefix]."""
-    model, table = runner.model, runner.input_embeddings
-    scale = MechanismParams.from_mu(config.mu, bits=config.bits, dim=projection.dim, clip=projection.clip).scale
+    received_prefix = privatized_prefix(runner, projection, config)
 
     def loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        batch = batch.to(model.device)
-        prefix, continuation = batch[:, : config.prefix_tokens], batch[:, config.prefix_tokens :]
-        with torch.no_grad():
-            z = privatize(projection.project(table[prefix]), projection.clip, scale, config.bits, generator)
-            received = projection.reconstruct(z)
+        batch = batch.to(runner.model.device)
+        received = received_prefix(batch[:, : config.prefix_tokens], generator)
         if soft_prompt is not None:
             received = torch.cat([soft_prompt.expand(len(batch), -1, -1), received], dim=1)
-        return continuation_loss(model, received, continuation).mean()
+        return continuation_loss(runner.model, received, batch[:, config.prefix_tokens :]).mean()
 
     return loss
 
