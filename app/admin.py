@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
+from fastapi import Path as PathParameter
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from app.artifacts import ArtifactError, artifact_dir, delete_artifact, manifests, set_active
@@ -21,9 +22,11 @@ from app.service import InferenceService
 from app.settings import ServerSettings
 from app.training.config import load_text
 from app.training.data import DataError, parse_upload, text_sha256
-from app.training.jobs import Job, JobConflict, JobManager, artifact_root, upload_dir
+from app.training.dp_soft_prompt import TENANT, DPSoftPromptConfig
+from app.training.jobs import Job, JobConflict, JobManager, artifact_root, job_kind, tenant_budgets, upload_dir
 from app.training.projection import ProjectionConfig
 from app.training.soft_prompt import SoftPromptConfig
+from app.training.tenant_budget import BudgetExceeded
 
 ArtifactKind = Literal["projections", "soft-prompts"]
 UPLOAD_TYPES = {"text/plain", "application/jsonl", "application/x-ndjson", "application/octet-stream"}
@@ -36,6 +39,27 @@ class ProjectionJobRequest(ProjectionConfig):
 
 class SoftPromptJobRequest(SoftPromptConfig):
     activate: bool = False
+
+
+class DPSoftPromptJobRequest(DPSoftPromptConfig):
+    activate: bool = False
+
+
+class BudgetLimit(BaseModel):
+    epsilon: float = Field(ge=0, le=1e6, description="total training epsilon allowed on the tenant's data")
+
+
+class TenantBudgetReport(BaseModel):
+    tenant: str
+    limit: float
+    spent: float
+    remaining: float
+    delta_spent: float
+    charges: list[dict]
+
+
+JOB_REQUESTS = {ProjectionJobRequest: ProjectionConfig, SoftPromptJobRequest: SoftPromptConfig,
+                DPSoftPromptJobRequest: DPSoftPromptConfig}
 
 
 class Upload(BaseModel):
@@ -77,20 +101,21 @@ def admin_router(settings: ServerSettings) -> APIRouter:
     def root(kind: ArtifactKind) -> Path:
         return artifact_root(settings, "projection" if kind == "projections" else "soft_prompt")
 
-    def submit(request: Request, body: ProjectionJobRequest | SoftPromptJobRequest) -> Job:
+    def submit(request: Request, body: ProjectionJobRequest | SoftPromptJobRequest | DPSoftPromptJobRequest) -> Job:
         try:
             load_text(body.data, settings.data_dir, upload_dir(settings))
         except DataError as err:
             raise HTTPException(422, str(err)) from None
-        config_type = ProjectionConfig if isinstance(body, ProjectionJobRequest) else SoftPromptConfig
-        config = config_type(**body.model_dump(exclude={"activate"}))
+        config = JOB_REQUESTS[type(body)](**body.model_dump(exclude={"activate"}))
         manager = jobs(request)
         if isinstance(config, SoftPromptConfig) and config.projection_id not in manager.projections():
             raise HTTPException(422, f"no projection {config.projection_id!r} on this server")
-        kind = "projection" if isinstance(config, ProjectionConfig) else "soft_prompt"
-        if (artifact_root(settings, kind) / config.name).exists():
+        if (artifact_root(settings, job_kind(config)) / config.name).exists():
             raise HTTPException(409, f"an artifact named {config.name!r} exists; delete it or pick another name")
-        return manager.submit(config, activate=body.activate)
+        try:
+            return manager.submit(config, activate=body.activate)
+        except BudgetExceeded as err:
+            raise HTTPException(409, str(err)) from None
 
     @router.post("/uploads", status_code=201, response_model=Upload)
     async def upload(request: Request) -> Upload:
@@ -116,6 +141,22 @@ def admin_router(settings: ServerSettings) -> APIRouter:
     async def train_soft_prompt(request: Request, body: SoftPromptJobRequest) -> Job:
         """Start training a soft prompt for one (projection, n, mu) (a background job)."""
         return await run_in_threadpool(submit, request, body)
+
+    @router.post("/dp-soft-prompts", status_code=202, response_model=Job)
+    async def train_dp_soft_prompt(request: Request, body: DPSoftPromptJobRequest) -> Job:
+        """Start DP-SGD training of a soft prompt on a tenant's data; its target epsilon is charged to the tenant's
+        training budget first (409 if it does not fit)."""
+        return await run_in_threadpool(submit, request, body)
+
+    @router.get("/tenants/{tenant}/budget", response_model=TenantBudgetReport)
+    async def get_budget(tenant: Annotated[str, PathParameter(pattern=TENANT)]) -> TenantBudgetReport:
+        """A tenant's training-epsilon limit, what their DP jobs have spent, and the charges."""
+        return TenantBudgetReport(**tenant_budgets(settings).get(tenant).report())
+
+    @router.put("/tenants/{tenant}/budget", response_model=TenantBudgetReport)
+    async def set_budget(tenant: Annotated[str, PathParameter(pattern=TENANT)], body: BudgetLimit) -> TenantBudgetReport:
+        """Set a tenant's total training-epsilon limit (charges already made stay)."""
+        return TenantBudgetReport(**tenant_budgets(settings).set_limit(tenant, body.epsilon).report())
 
     @router.get("/jobs", response_model=list[Job])
     async def list_jobs(request: Request) -> list[Job]:

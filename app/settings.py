@@ -35,6 +35,8 @@ class ServerSettings(BaseSettings):
     admin_key: SecretStr | None = None
     """The admin API's bearer key (separate from client keys); the admin API is off without one."""
     max_upload_bytes: int = 64 * 1024 * 1024
+    tenant_training_epsilon: float = 10.0
+    """Training epsilon a tenant's data may take in all (DP soft prompts) unless the admin API sets another."""
 
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 512

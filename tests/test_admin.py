@@ -95,3 +95,26 @@ def test_bad_admin_requests_get_json_errors(admin, request_kwargs: dict, status:
     request_kwargs["headers"] = {**KEY, **request_kwargs.get("headers", {})}
     response = admin.request(**request_kwargs)
     assert (response.status_code, response.json()["error"]) == (status, error), response.text
+
+
+def test_dp_soft_prompt_jobs_charge_the_tenant_and_are_refused_past_the_limit(admin) -> None:
+    upload = admin.post("/admin/uploads", content=corpus().encode(), headers={**KEY, "content-type": "text/plain"})
+    pid = admin.get("/v1/bundle").json()["defaults"]["projection_id"]
+    assert admin.put("/admin/tenants/acme/budget", json={"epsilon": 5.0}, headers=KEY).json()["remaining"] == 5.0
+    body = {"name": "acme-dp", "tenant": "acme", "target_epsilon": 3.0, "data": upload.json()["data"],
+            "projection_id": pid, "mu": 20.0, "virtual_tokens": 4, "steps": 2, "batch_size": 4,
+            "physical_batch_size": 2, "secure_rng": False, **SHAPE}
+    started = admin.post("/admin/dp-soft-prompts", json=body, headers=KEY)
+    assert started.status_code == 202 and started.json()["kind"] == "dp_soft_prompt"
+    job = finished(admin, started.json()["id"])
+    assert job["state"] == "succeeded" and job["step"] == 2
+    manifest = next(a for a in admin.get("/admin/soft-prompts", headers=KEY).json() if a["name"] == "acme-dp")["manifest"]
+    assert 0 < manifest["dp"]["epsilon"] <= 3.0 and manifest["dp"]["tenant"] == "acme"
+
+    budget = admin.get("/admin/tenants/acme/budget", headers=KEY).json()
+    assert budget["spent"] == 3.0 and [c["job"] for c in budget["charges"]] == [job["id"]]
+    refused = admin.post("/admin/dp-soft-prompts", json={**body, "name": "acme-dp-2"}, headers=KEY)
+    assert refused.status_code == 409 and "2 of 5" in refused.json()["detail"]
+    assert len(admin.get("/admin/jobs", headers=KEY).json()) == 1  # refused before it was queued
+    assert admin.get("/admin/tenants/../budget", headers=KEY).status_code in (404, 422)
+    assert admin.put("/admin/tenants/acme/budget", json={"epsilon": -1}, headers=KEY).status_code == 422

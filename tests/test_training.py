@@ -189,6 +189,13 @@ def test_veil_train_cli_trains_and_activates(tmp_path: Path, monkeypatch) -> Non
                                    "--data", "nonsense"])
     assert bad.exit_code != 0 and "unknown corpus" in bad.output
     assert json.loads((tmp_path / "soft_prompts" / "s" / "adapter_config.json").read_text())["num_virtual_tokens"] == 4
+    dp = ["train", "dp-soft-prompt", "--model", str(model_dir), "--tenant", "acme", "--epsilon", "6", "--mu", "10",
+          "--data", "wikitext-2-valid", "-m", "4", "--steps", "2", "--physical-batch-size", "2", *shape]
+    result = CliRunner().invoke(cli, [*dp, "--name", "d"])
+    assert result.exit_code == 0 and "charged to tenant 'acme'" in result.output, result.output
+    assert manifests(tmp_path / "soft_prompts")["d"]["dp"]["epsilon"] <= 6
+    over = CliRunner().invoke(cli, [*dp, "--name", "d2"])  # the default limit is 10: 4 left
+    assert over.exit_code != 0 and "4 of 10" in over.output and "d2" not in manifests(tmp_path / "soft_prompts")
 
 
 def test_shipped_artifacts_are_consistent() -> None:

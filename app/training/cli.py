@@ -5,6 +5,7 @@ Torch and the model are imported inside the commands, so `veil` itself starts wi
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import typer
@@ -30,19 +31,22 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
     from app.model_runner import ModelRunner
     from app.service import published_projections
     from app.settings import ServerSettings
-    from app.training.jobs import artifact_root, run_training
-    from app.training.projection import ProjectionConfig
-    from app.training.soft_prompt import SoftPromptConfig
+    from app.training.jobs import CONFIGS, artifact_root, charge_tenant, run_training
+    from app.training.tenant_budget import BudgetExceeded
 
     settings = ServerSettings(**({"model": model} if model else {}))
-    config_type = ProjectionConfig if kind == "projection" else SoftPromptConfig
     runner = ModelRunner.load(settings.model, settings.cache_dir, settings.device)
-    if kind == "soft_prompt" and fields["projection_id"] is None:
+    if kind != "projection" and fields["projection_id"] is None:
         fields["projection_id"] = next(iter(published_projections(runner, settings)))
     try:
-        config = config_type(**fields)
+        config = CONFIGS[kind](**fields)
     except ValidationError as err:
         raise typer.BadParameter(str(err)) from None
+    if kind == "dp_soft_prompt":
+        try:
+            charge_tenant(settings, config, f"cli-{config.name}-{uuid.uuid4().hex[:8]}")
+        except BudgetExceeded as err:
+            raise typer.BadParameter(str(err)) from None
     checkpoint = checkpoint or settings.cache_dir / "checkpoints" / f"{kind}-{config.name}.pt"
     projections = {} if kind == "projection" else {
         pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
@@ -62,6 +66,11 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
     root = artifact_root(settings, kind)
     held = {k: round(v, 4) for k, v in manifest.items() if k.startswith("held_out_loss")}
     typer.echo(f"wrote {root / config.name} ({'active' if activate else 'inactive'}); held-out loss {held}")
+    if "dp" in manifest:
+        dp = manifest["dp"]
+        typer.echo(f"DP-SGD: epsilon {dp['epsilon']:.3g} at delta {dp['delta']:.2g} (noise multiplier "
+                   f"{dp['noise_multiplier']:.3g}, clip {dp['max_grad_norm']:g}, sampling rate {dp['sample_rate']:.3g}, "
+                   f"{dp['steps']} steps), charged to tenant {dp['tenant']!r}")
 
 
 @train_cli.command("projection")
@@ -115,3 +124,34 @@ def soft_prompt(
                   virtual_tokens=virtual_tokens, steps=steps, batch_size=batch_size, lr=lr,
                   prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, seed=seed)
     _run("soft_prompt", fields, model, checkpoint, activate)
+
+
+@train_cli.command("dp-soft-prompt")
+def dp_soft_prompt(
+    name: str = typer.Option(..., help="artifact name (folder under soft_prompts/)"),
+    tenant: str = typer.Option(..., help="whose data it is: their training budget is charged first"),
+    epsilon: float = typer.Option(..., help="target epsilon of the whole training run"),
+    mu: float = typer.Option(..., help="per-token CLT mu of the mechanism it serves"),
+    data: str = typer.Option(..., help="the tenant's data: upload:<sha256> or a corpus name"),
+    delta: float | None = typer.Option(None, help="default: min(1e-5, 1/n) for n training segments"),
+    max_grad_norm: float = typer.Option(1.0, help="per-example gradient clip"),
+    bits: int = typer.Option(4, "--bits", "-n"),
+    projection_id: str | None = typer.Option(None, "--projection", help="projection id (default: the server's)"),
+    virtual_tokens: int = typer.Option(32, "--virtual-tokens", "-m"),
+    steps: int = typer.Option(30, help="logical steps (noise is added once per step)"),
+    batch_size: int = typer.Option(16, help="expected segments per logical step (Poisson sampling)"),
+    physical_batch_size: int = typer.Option(2, help="segments per micro-batch (memory only)"),
+    lr: float = typer.Option(1e-2),
+    accountant: str = typer.Option("prv", help="prv or rdp (Opacus)"),
+    prefix_tokens: int = PREFIX_TOKENS,
+    continuation_tokens: int = CONTINUATION_TOKENS,
+    seed: int = typer.Option(0, help="seeds the prefix noise; DP noise and sampling come from the OS"),
+    model: str | None = MODEL,
+    activate: bool = ACTIVATE,
+) -> None:
+    """Train a soft prompt on a tenant's data with DP-SGD (Opacus) to a target (epsilon, delta)."""
+    fields = dict(name=name, tenant=tenant, target_epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm, mu=mu,
+                  bits=bits, projection_id=projection_id, data=data, virtual_tokens=virtual_tokens, steps=steps,
+                  batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, accountant=accountant,
+                  prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, seed=seed)
+    _run("dp_soft_prompt", fields, model, None, activate)

@@ -20,11 +20,20 @@ from app.reconstruction import Projection
 from app.service import published_projections
 from app.settings import ServerSettings
 from app.training.config import load_text
+from app.training.dp_soft_prompt import DPSoftPromptConfig, train_dp_soft_prompt
 from app.training.loop import Cancelled
 from app.training.projection import ProjectionConfig, train_projection
 from app.training.soft_prompt import SoftPromptConfig, train_soft_prompt
+from app.training.tenant_budget import TenantBudgets
 
-JobConfig = ProjectionConfig | SoftPromptConfig
+JobConfig = ProjectionConfig | SoftPromptConfig | DPSoftPromptConfig
+JobKind = Literal["projection", "soft_prompt", "dp_soft_prompt"]
+CONFIGS: dict[str, type[JobConfig]] = {"projection": ProjectionConfig, "soft_prompt": SoftPromptConfig,
+                                       "dp_soft_prompt": DPSoftPromptConfig}
+
+
+def job_kind(config: JobConfig) -> JobKind:
+    return next(kind for kind, config_type in CONFIGS.items() if type(config) is config_type)
 
 
 def upload_dir(settings: ServerSettings) -> Path:
@@ -32,8 +41,20 @@ def upload_dir(settings: ServerSettings) -> Path:
 
 
 def artifact_root(settings: ServerSettings, kind: str) -> Path:
-    """Where artifacts of `kind` ("projection" or "soft_prompt") live."""
+    """Where artifacts of `kind` ("projection", "soft_prompt" or "dp_soft_prompt") live."""
     return settings.projection_dir if kind == "projection" else settings.soft_prompt_dir
+
+
+def tenant_budgets(settings: ServerSettings) -> TenantBudgets:
+    return TenantBudgets(settings.cache_dir / "tenant-budgets.json", settings.tenant_training_epsilon)
+
+
+def charge_tenant(settings: ServerSettings, config: DPSoftPromptConfig, job_id: str) -> None:
+    """Charge a DP job's target epsilon to its tenant before it starts (BudgetExceeded if it does not fit).
+
+    delta defaults to min(1e-5, 1/n), so 1e-5 bounds it when the config leaves it to the data.
+    """
+    tenant_budgets(settings).charge(config.tenant, job_id, config.target_epsilon, config.delta or 1e-5)
 
 
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
@@ -42,7 +63,8 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
                  on_step: Callable[[int, float], None] | None = None) -> dict:
     """Run one training config to its artifact (served if `activate`) and drop its checkpoint; returns the manifest.
 
-    `projections` (by id) are those a soft prompt may target.
+    `projections` (by id) are those a soft prompt may target. DP runs take no checkpoint: a resumed one starts
+    over (its tenant was charged once, and only the finished prompt is ever released).
     """
     text = load_text(config.data, settings.data_dir, upload_dir(settings))
     if isinstance(config, ProjectionConfig):
@@ -50,6 +72,9 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
                                     cancel=cancel, on_step=on_step)
     elif config.projection_id not in projections:
         raise ValueError(f"no projection {config.projection_id!r} on this server; known: {', '.join(projections)}")
+    elif isinstance(config, DPSoftPromptConfig):
+        manifest = train_dp_soft_prompt(runner, projections[config.projection_id], config, text,
+                                        settings.soft_prompt_dir, cancel=cancel, on_step=on_step)
     else:
         manifest = train_soft_prompt(runner, projections[config.projection_id], config, text,
                                      settings.soft_prompt_dir, checkpoint=checkpoint, cancel=cancel, on_step=on_step)
@@ -74,7 +99,7 @@ class Job(BaseModel):
     """A training job as the admin API reports it (and as it is kept on disk)."""
 
     id: str
-    kind: Literal["projection", "soft_prompt"]
+    kind: JobKind
     state: JobState = JobState.queued
     config: dict
     activate: bool = False
@@ -87,7 +112,7 @@ class Job(BaseModel):
     held_out: dict[str, float] = Field(default_factory=dict, description="held-out losses of the artifact")
 
     def parsed_config(self) -> JobConfig:
-        return (ProjectionConfig if self.kind == "projection" else SoftPromptConfig)(**self.config)
+        return CONFIGS[self.kind](**self.config)
 
 
 class JobManager:
@@ -119,9 +144,11 @@ class JobManager:
                                                                        active_only=False).items()}
 
     def submit(self, config: JobConfig, activate: bool = False) -> Job:
-        kind = "projection" if isinstance(config, ProjectionConfig) else "soft_prompt"
-        job = Job(id=uuid.uuid4().hex[:16], kind=kind, config=config.model_dump(), activate=activate,
+        """Queue a job; a DP job is charged to its tenant first (BudgetExceeded if it does not fit)."""
+        job = Job(id=uuid.uuid4().hex[:16], kind=job_kind(config), config=config.model_dump(), activate=activate,
                   steps=config.steps)
+        if isinstance(config, DPSoftPromptConfig):
+            charge_tenant(self.settings, config, job.id)
         self._enqueue(job)
         return job
 

@@ -3,15 +3,19 @@
 Jobs on one tenant's data compose. The ledger uses basic composition (epsilons add, deltas add), which is loose but
 holds for any mix of jobs, and charges a job's target epsilon when it is submitted, before it starts: a job that
 would take the tenant past their limit is refused. A charge is not refunded if the job fails or is cancelled,
-because the data has been touched. The file is rewritten atomically under a lock.
+because the data has been touched. The file is rewritten atomically under a lock that also holds across processes
+(the server's job manager and `veil train` may share a cache directory).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import BaseModel, Field
 
@@ -50,6 +54,13 @@ class TenantBudgets:
         self.path, self.default_limit = path, default_limit
         self._lock = threading.Lock()
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def _load(self) -> dict[str, TenantBudget]:
         if not self.path.exists():
             return {}
@@ -59,11 +70,11 @@ class TenantBudgets:
         write_json_atomic(self.path, {t: b.model_dump() for t, b in budgets.items()})
 
     def get(self, tenant: str) -> TenantBudget:
-        with self._lock:
+        with self._locked():
             return self._load().get(tenant, TenantBudget(tenant=tenant, limit=self.default_limit))
 
     def set_limit(self, tenant: str, limit: float) -> TenantBudget:
-        with self._lock:
+        with self._locked():
             budgets = self._load()
             budget = budgets.get(tenant, TenantBudget(tenant=tenant, limit=limit))
             budget.limit = limit
@@ -73,7 +84,7 @@ class TenantBudgets:
 
     def charge(self, tenant: str, job: str, epsilon: float, delta: float) -> TenantBudget:
         """Record a job's (epsilon, delta), or raise BudgetExceeded and record nothing."""
-        with self._lock:
+        with self._locked():
             budgets = self._load()
             budget = budgets.get(tenant, TenantBudget(tenant=tenant, limit=self.default_limit))
             if budget.spent + epsilon > budget.limit + 1e-12:
