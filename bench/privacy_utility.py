@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from app.files import write_bytes_atomic, write_json_atomic
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, pca_projection, publish
@@ -44,6 +40,7 @@ from app.settings import ServerSettings
 from app.soft_prompts import SoftPrompt, load_soft_prompts, select_soft_prompt
 from app.training.evaluate import start_prefix
 from bench import attacks, audit, baselines
+from bench.cells import Cell, run_cells
 from bench.pipeline import PREFIX, load_sample, mean_nll, reconstruct, send, start_token
 from bench.privacy_utility_report import ROW_NAMES, plot, render
 from client_sdk import wire
@@ -266,44 +263,29 @@ class Bench:
         return {"width": width, "fp32_bytes_per_token": 4 * width, "fp16_bytes_per_token": 2 * width, "bits": rows}
 
 
-def cells(plan: Plan) -> list[tuple[str, Callable[[Bench], dict]]]:
-    """Every cell of the plan, keyed, cheapest first within each kind."""
-    todo: list[tuple[str, Callable[[Bench], dict]]] = [
-        (name, lambda b, name=name: b.floor(name)) for name in ("clean", "nothing", "random")]
-    todo.append(("attack/lm-prior/alone", lambda b: b.language_model_attack(None, None)))
+def cells(bench: Bench) -> list[Cell]:
+    """Every cell of the bench's plan, keyed."""
+    plan = bench.plan
+    todo: list[Cell] = [(name, lambda name=name: bench.floor(name)) for name in ("clean", "nothing", "random")]
+    todo.append(("attack/lm-prior/alone", lambda: bench.language_model_attack(None, None)))
     for bits in plan.bits:
         for mu in plan.mus:
             setting = f"n{bits}/mu{mu:g}"
-            todo += [(f"{row}/{setting}", lambda b, r=row, n=bits, m=mu: b.private_row(r, n, m)) for row in ROW_NAMES]
-            todo.append((f"attack/lm-prior/{setting}", lambda b, n=bits, m=mu: b.language_model_attack(n, m)))
-            todo.append((f"audit/{setting}", lambda b, n=bits, m=mu: b.audit(n, m)))
+            todo += [(f"{row}/{setting}", lambda r=row, n=bits, m=mu: bench.private_row(r, n, m)) for row in ROW_NAMES]
+            todo.append((f"attack/lm-prior/{setting}", lambda n=bits, m=mu: bench.language_model_attack(n, m)))
+            todo.append((f"audit/{setting}", lambda n=bits, m=mu: bench.audit(n, m)))
     for bits in plan.bits:
         for attack in ("maximum-likelihood", "nearest-neighbour"):
-            todo += [(f"calibrate/{attack}/n{bits}/{target:g}", lambda b, a=attack, n=bits, t=target:
-                      b.calibrate(a, n, t)) for target in plan.targets]
+            todo += [(f"calibrate/{attack}/n{bits}/{target:g}", lambda a=attack, n=bits, t=target:
+                      bench.calibrate(a, n, t)) for target in plan.targets]
     return todo
 
 
 def run(bench: Bench, path: Path, fresh: bool = False) -> dict:
-    """Compute every missing cell, saving after each one; returns the results."""
-    plan = dataclasses.asdict(bench.plan)
-    results = {"plan": plan, "model": bench.runner.model_id, "cells": {}, "seconds": 0.0}
-    if path.exists() and not fresh:
-        saved = json.loads(path.read_text())
-        if saved["plan"] != json.loads(json.dumps(plan)):
-            raise SystemExit(f"{path} holds a run with a different plan; pass --fresh to start over")
-        results = saved
-    todo = [(key, compute) for key, compute in cells(bench.plan) if key not in results["cells"]]
-    if len(todo) < len(cells(bench.plan)):
-        print(f"resuming {path}: {len(todo)} of {len(cells(bench.plan))} cells left")
-    for key, compute in (progress := tqdm(todo, desc="privacy-utility", unit="cell")):
-        progress.set_postfix_str(key)
-        started = time.perf_counter()
-        results["cells"][key] = {**compute(bench), "seconds": time.perf_counter() - started}
-        results["seconds"] += results["cells"][key]["seconds"]
-        write_json_atomic(path, results)
-    results["communication"] = bench.communication()
-    results.update(gaussian_bound=bench.gaussian_bound, dim=bench.dim, clip=bench.clip, reference=bench.references[0])
+    """Compute every missing cell (resumable), then the communication table; returns the results."""
+    results = run_cells(path, dataclasses.asdict(bench.plan), cells(bench), fresh=fresh, desc="privacy-utility")
+    results.update(model=bench.runner.model_id, communication=bench.communication(),
+                   gaussian_bound=bench.gaussian_bound, dim=bench.dim, clip=bench.clip, reference=bench.references[0])
     write_json_atomic(path, results)
     return results
 

@@ -129,7 +129,7 @@ def demo(
         server.wait(timeout=30)
 
 
-BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility")
+BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

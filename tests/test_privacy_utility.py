@@ -76,7 +76,7 @@ def saved(bench: Bench, tmp_path_factory) -> tuple:
 def test_a_run_measures_every_cell_and_resumes_without_recomputing(bench: Bench, saved, monkeypatch) -> None:
     path, results = saved
     cells = results["cells"]
-    assert set(cells) == {key for key, _ in privacy_utility.cells(PLAN)}
+    assert set(cells) == {key for key, _ in privacy_utility.cells(bench)}
 
     strict, loose = cells["del-trained/n2/mu0.5"], cells["del-trained/n2/mu2000"]
     assert strict["attacks"]["maximum-likelihood"] < 0.5 < loose["attacks"]["maximum-likelihood"]
