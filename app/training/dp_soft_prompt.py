@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import secrets
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -131,27 +132,30 @@ def train_dp_soft_prompt(runner: ModelRunner, projection: Projection, config: DP
     received_prefix = privatized_prefix(runner, projection, config)
     mechanism_noise = torch.Generator().manual_seed(config.seed)
     state, batch_losses = LoopState(), []
-    while state.step < config.steps:
-        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.physical_batch_size,
-                                optimizer=optimizer) as micro_batches:
-            for (batch,) in micro_batches:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"cancelled at step {state.step} of {config.steps}")
-                optimizer.zero_grad(set_to_none=True)
-                if len(batch):
-                    prefix, continuation = batch[:, : config.prefix_tokens], batch[:, config.prefix_tokens :]
-                    loss = private(received_prefix(prefix, mechanism_noise), continuation.to(model.device))
-                    loss.mean().backward()
-                    batch_losses.append(float(loss.detach().mean()))
-                optimizer.step()
-                if accounted_steps(engine) > state.step:  # a logical step: noise added, accountant charged
-                    state.step += 1
-                    state.losses.append(sum(batch_losses) / max(len(batch_losses), 1))
-                    batch_losses.clear()
-                    if on_step is not None:
-                        on_step(state.step, state.losses[-1])
-                    if state.step == config.steps:
-                        break
+    with warnings.catch_warnings():
+        # Opacus's hooks fire on module outputs: the inputs (privatized prefixes) need no gradient, by design.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        while state.step < config.steps:
+            with BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.physical_batch_size,
+                                    optimizer=optimizer) as micro_batches:
+                for (batch,) in micro_batches:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"cancelled at step {state.step} of {config.steps}")
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(batch):
+                        prefix, continuation = batch[:, : config.prefix_tokens], batch[:, config.prefix_tokens :]
+                        loss = private(received_prefix(prefix, mechanism_noise), continuation.to(model.device))
+                        loss.mean().backward()
+                        batch_losses.append(float(loss.detach().mean()))
+                    optimizer.step()
+                    if accounted_steps(engine) > state.step:  # a logical step: noise added, accountant charged
+                        state.step += 1
+                        state.losses.append(sum(batch_losses) / max(len(batch_losses), 1))
+                        batch_losses.clear()
+                        if on_step is not None:
+                            on_step(state.step, state.losses[-1])
+                        if state.step == config.steps:
+                            break
     prompt = wrapped.prompt.embeddings.detach()
     evaluation_loss = private_prefix_loss(runner, projection, config, prompt)
     manifest = {
