@@ -5,6 +5,8 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 
 
 import json
+import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Annotated, AsyncIterator, Iterator
 
@@ -16,6 +18,8 @@ from starlette.exceptions import HTTPException
 
 from app.admin import admin_router
 from app.body import read_body
+from app.files import append_line
+from app.metrics import CONTENT_TYPE, Metrics
 from app.model_runner import GenerationParams, ModelRunner
 from app.service import InferenceService
 from app.settings import ServerSettings
@@ -33,6 +37,10 @@ PAYLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet
 def error(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, headers=headers,
                         content=ErrorResponse(error=kind, detail=detail).model_dump())
+
+
+ACCESS_LOG = logging.getLogger("veil.access")
+"""One JSON line per request: route, status, seconds, bytes in. Never a body, a prompt or a generated text."""
 
 
 def sse(event: str | None, data: str) -> str:
@@ -54,6 +62,28 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
 
     app = FastAPI(title="veil", version="0.1.0", lifespan=lifespan,
                   description="Private split inference: the prompt arrives privatized by the DEL mechanism.")
+    metrics = app.state.metrics = Metrics()
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        seconds = time.perf_counter() - start
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        metrics.latency.labels(route=route).observe(seconds)
+        ACCESS_LOG.info(json.dumps({"method": request.method, "route": route, "status": response.status_code,
+                                    "seconds": round(seconds, 4),
+                                    "bytes_in": int(request.headers.get("content-length") or 0)}))
+        if (route.startswith("/admin") and request.method != "GET") or response.status_code in (401, 403):
+            audit(request, route, response.status_code)
+        return response
+
+    def audit(request: Request, route: str, status: int) -> None:
+        """Every admin change and every refused key, to `<cache>/audit.log` (JSON lines; never a body)."""
+        append_line(settings.cache_dir / "audit.log", json.dumps({
+            "time": time.time(), "client": request.client.host if request.client else None,
+            "method": request.method, "route": route, "path_params": request.path_params, "status": status}))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -77,7 +107,22 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
 
     @app.get("/healthz")
     async def healthz() -> dict:
+        """Liveness: the process answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(request: Request) -> Response:
+        """Readiness: the model is loaded and the training worker is alive."""
+        service_ = getattr(request.app.state, "service", None)
+        jobs = getattr(request.app.state, "jobs", None)
+        if service_ is None or jobs is None or not jobs.alive():
+            return error(503, "not_ready", "the model or the training worker is not up")
+        return JSONResponse({"status": "ready", "model": service_.runner.model_id})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests, latency, payload bytes, tokens in and out, mechanism settings used."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/bundle", response_model=BundleInfo, responses=ERRORS)
     async def bundle(request: Request) -> BundleInfo:
@@ -116,10 +161,12 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
             raise HTTPException(422, "stop strings must not be empty")
         body = await read_body(request, svc.max_payload_bytes)
         prepared = await run_in_threadpool(svc.prepare, body)
+        metrics.received(len(body), prepared.prompt_tokens, prepared.params)
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   stop=tuple(stop or ()))
         if not stream:
             answer = await run_in_threadpool(svc.generate, prepared, params)
+            metrics.completion_tokens.inc(answer.completion_tokens)
             return JSONResponse(answer.model_dump())
 
         def events() -> Iterator[str]:
@@ -128,6 +175,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
                 while True:
                     yield sse(None, json.dumps({"text": next(pieces)}))
             except StopIteration as end:
+                metrics.completion_tokens.inc(end.value.completion_tokens)
                 yield sse("done", end.value.model_dump_json())
             except Exception as exc:  # the status line is already sent: report in-band
                 yield sse("error", json.dumps({"error": "generation_failed", "detail": str(exc)}))

@@ -30,6 +30,17 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_bytes_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log in a single O_APPEND write, fsynced (a crash loses at most that line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.rstrip("\n").encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces `target` (an old `target` is removed)."""

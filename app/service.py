@@ -14,6 +14,7 @@ from app.settings import ServerSettings
 from app.soft_prompts import SoftPrompt, load_soft_prompts, select_soft_prompt
 from client_sdk import wire
 from client_sdk.bundle import sha256_hex
+from client_sdk.mechanism import MechanismParams
 from client_sdk.schemas import BundleInfo, GenerateResponse, MechanismDefaults, ProjectionInfo
 
 
@@ -23,6 +24,7 @@ class PreparedInput:
 
     embeddings: torch.Tensor  # (m + T) x b
     prompt_tokens: int
+    params: MechanismParams
     soft_prompt: SoftPrompt | None
     soft_prompt_exact: bool
     timings: dict[str, float]
@@ -112,7 +114,7 @@ class InferenceService:
         if soft is not None:
             embeddings = torch.cat([soft.embeddings, embeddings])
         done = time.perf_counter()
-        return PreparedInput(embeddings, payload.tokens, soft, exact,
+        return PreparedInput(embeddings, payload.tokens, payload.params, soft, exact,
                              {"decode": decoded - start, "reconstruct": done - decoded})
 
     def generate(self, prepared: PreparedInput, params: GenerationParams) -> GenerateResponse:

@@ -118,3 +118,17 @@ def test_dp_soft_prompt_jobs_charge_the_tenant_and_are_refused_past_the_limit(ad
     assert len(admin.get("/admin/jobs", headers=KEY).json()) == 1  # refused before it was queued
     assert admin.get("/admin/tenants/../budget", headers=KEY).status_code in (404, 422)
     assert admin.put("/admin/tenants/acme/budget", json={"epsilon": -1}, headers=KEY).status_code == 422
+
+
+def test_admin_changes_and_refused_keys_go_to_the_audit_log(admin, settings) -> None:
+    import json
+
+    admin.post("/admin/uploads", content=corpus().encode(), headers={**KEY, "content-type": "text/plain"})
+    admin.post("/admin/soft-prompts/nope/activate", headers=KEY)
+    admin.get("/admin/jobs", headers={"Authorization": "Bearer wrong"})
+    admin.get("/admin/jobs", headers=KEY)  # a read: not audited
+    lines = [json.loads(line) for line in (settings.cache_dir / "audit.log").read_text().splitlines()]
+    assert [(e["method"], e["route"], e["status"]) for e in lines] == [
+        ("POST", "/admin/uploads", 201), ("POST", "/admin/{kind}/{name}/activate", 404), ("GET", "/admin/jobs", 403)]
+    assert lines[1]["path_params"] == {"kind": "soft-prompts", "name": "nope"}
+    assert "the" not in json.dumps(lines[0])  # the uploaded text is never logged

@@ -148,3 +148,29 @@ def test_stop_strings_cut_the_answer(runner) -> None:
 
     assert truncate_at_stop("paris is a city", ("a c", "zzz")) == "paris is "
     assert truncate_at_stop("paris", ()) == "paris"
+
+
+def test_readiness_metrics_and_an_access_log_without_bodies(http, caplog) -> None:
+    assert http.get("/readyz").json() == {"status": "ready", "model": "tiny-llama"}
+    payload = good_payload(http)
+    with caplog.at_level("INFO", logger="veil.access"):
+        answer = http.post("/v1/generate", params={"max_new_tokens": 3}, content=payload,
+                           headers={"Content-Type": "application/octet-stream"}).json()
+        http.post("/v1/generate", content=b"garbage", headers={"Content-Type": "application/octet-stream"})
+    text = http.get("/metrics").text
+    assert 'veil_http_requests_total{route="/v1/generate",status="200"} 1.0' in text
+    assert 'veil_http_requests_total{route="/v1/generate",status="400"} 1.0' in text
+    assert f"veil_payload_bytes_total {float(len(payload))}" in text
+    assert "veil_prompt_tokens_total 3.0" in text
+    assert f"veil_completion_tokens_total {float(answer['completion_tokens'])}" in text
+    assert 'veil_private_requests_total{bits="4",dim="8",mu="10"} 1.0' in text
+    assert 'veil_http_request_seconds_count{route="/v1/generate"} 2.0' in text
+    lines = [record.getMessage() for record in caplog.records if record.name == "veil.access"]
+    assert len(lines) == 2 and all('"route": "/v1/generate"' in line for line in lines)
+    assert not any(answer["text"] in line or "garbage" in line for line in lines if answer["text"])
+
+
+def test_readyz_is_503_until_the_model_is_up(settings, runner) -> None:
+    app = create_app(settings, runner=runner)
+    response = TestClient(app).get("/readyz")  # no lifespan: nothing loaded
+    assert response.status_code == 503 and response.json()["error"] == "not_ready"

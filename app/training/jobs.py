@@ -143,6 +143,10 @@ class JobManager:
         return {pid: p.projection for pid, p in published_projections(self.runner, self.settings,
                                                                        active_only=False).items()}
 
+    def alive(self) -> bool:
+        """Whether the worker thread that runs jobs is running."""
+        return self._worker.is_alive()
+
     def submit(self, config: JobConfig, activate: bool = False) -> Job:
         """Queue a job; a DP job is charged to its tenant first (BudgetExceeded if it does not fit)."""
         job = Job(id=uuid.uuid4().hex[:16], kind=job_kind(config), config=config.model_dump(), activate=activate,
