@@ -10,7 +10,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, AsyncIterator, Iterator
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from app.admin import admin_router
 from app.body import read_body
 from app.files import append_line
+from app.keys import KeyStore, RateLimiter, key_file
 from app.metrics import CONTENT_TYPE, Metrics
 from app.model_runner import GenerationParams, ModelRunner
 from app.service import InferenceService
@@ -27,8 +28,7 @@ from app.training.jobs import JobManager
 from client_sdk.errors import WireFormatError
 from client_sdk.schemas import BundleInfo, ErrorResponse, GenerateResponse
 
-ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-          415: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 429)}
 ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422)}
 PAYLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary", "description": "a veil wire-format payload"}}}}}
@@ -89,8 +89,8 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-                422: "invalid_parameter"}.get(exc.status_code, "http_error")
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+                422: "invalid_parameter", 429: "rate_limited"}.get(exc.status_code, "http_error")
+        headers = {**(exc.headers or {}), **({"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {})}
         return error(exc.status_code, kind, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
@@ -104,6 +104,26 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
 
     def service(request: Request) -> InferenceService:
         return request.app.state.service
+
+    keys, limiter = KeyStore(key_file(settings)), RateLimiter(settings.rate_limit_per_minute)
+
+    def client_access(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+        """The client key (when required) and the rate limit, per key or else per client address."""
+        caller = request.client.host if request.client else "unknown"
+        if settings.require_api_key:
+            scheme, _, key = (authorization or "").partition(" ")
+            if scheme.lower() != "bearer" or not key:
+                raise HTTPException(401, "API key required: Authorization: Bearer <key>")
+            record = keys.verify(key)
+            if record is None:
+                raise HTTPException(403, "unknown or revoked API key")
+            caller = f"key:{record.id}"
+        wait = limiter.acquire(caller)
+        if wait > 0:
+            raise HTTPException(429, f"rate limit of {settings.rate_limit_per_minute} requests a minute",
+                                headers={"Retry-After": str(max(1, round(wait)))})
+
+    client = [Depends(client_access)]
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -124,17 +144,17 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
         """Prometheus metrics: requests, latency, payload bytes, tokens in and out, mechanism settings used."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/bundle", response_model=BundleInfo, responses=ERRORS)
+    @app.get("/v1/bundle", response_model=BundleInfo, responses=ERRORS, dependencies=client)
     async def bundle(request: Request) -> BundleInfo:
         """Metadata for the client: model, vocab, projections, soft prompts, and where the files are."""
         return service(request).bundle
 
-    @app.get("/v1/bundle/tokenizer.json", responses=ERRORS)
+    @app.get("/v1/bundle/tokenizer.json", responses=ERRORS, dependencies=client)
     async def tokenizer(request: Request) -> Response:
         """The tokenizer (Hugging Face tokenizers JSON)."""
         return Response(service(request).tokenizer_bytes, media_type="application/json")
 
-    @app.get("/v1/bundle/projections/{projection_id}", responses=ERRORS)
+    @app.get("/v1/bundle/projections/{projection_id}", responses=ERRORS, dependencies=client)
     async def projected_table(request: Request, projection_id: str) -> Response:
         """A projected table (vocab x k), safetensors: int8 `table` times per-column `scale`."""
         published = service(request).catalog.projections.get(projection_id)
@@ -142,7 +162,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
             raise HTTPException(404, f"no projection {projection_id!r}")
         return Response(published.table_bytes, media_type="application/octet-stream")
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, openapi_extra=PAYLOAD_BODY)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, openapi_extra=PAYLOAD_BODY, dependencies=client)
     async def generate(
         request: Request,
         max_new_tokens: Annotated[int, Query(ge=1, le=settings.max_new_tokens)] = 64,

@@ -35,6 +35,10 @@ class ServerSettings(BaseSettings):
     admin_key: SecretStr | None = None
     """The admin API's bearer key (separate from client keys); the admin API is off without one."""
     max_upload_bytes: int = 64 * 1024 * 1024
+    require_api_key: bool = False
+    """Whether /v1 routes need `Authorization: Bearer <client key>` (keys: `veil keys create`)."""
+    rate_limit_per_minute: int = 600
+    """Requests a minute per client key (per client address when keys are not required); over it: 429."""
     tenant_training_epsilon: float = 10.0
     """Training epsilon a tenant's data may take in all (DP soft prompts) unless the admin API sets another."""
 

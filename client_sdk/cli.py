@@ -13,9 +13,11 @@ cli = typer.Typer(help="veil: private split inference for LLMs (DEL).", no_args_
 
 
 try:  # the training commands need the server extras; a client-only install has no `app`
+    from app.keys import keys_cli
     from app.training.cli import train_cli
 
     cli.add_typer(train_cli, name="train")
+    cli.add_typer(keys_cli, name="keys")
 except ImportError:
     pass
 

@@ -1,0 +1,76 @@
+"""Client API keys (hashed, revocable, from the CLI) and the per-key rate limit, on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from app.api import create_app
+from app.keys import KeyStore, RateLimiter, key_file
+from client_sdk import wire
+from client_sdk.cli import cli
+from client_sdk.mechanism import MechanismParams
+
+
+def test_keys_are_stored_hashed_and_can_be_revoked(tmp_path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    record, key = store.create("alice")
+    assert key.startswith(f"veil_{record.id}_") and key not in (tmp_path / "keys.json").read_text()
+    assert store.verify(key).name == "alice"
+    assert store.verify(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    assert store.verify("veil_00000000_x") is None and store.verify("nonsense") is None
+    store.revoke(record.id)
+    assert KeyStore(tmp_path / "keys.json").verify(key) is None  # persisted
+
+
+def test_the_rate_limit_refills_over_time(monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("app.keys.time.monotonic", lambda: clock[0])
+    limiter = RateLimiter(per_minute=2)
+    assert limiter.acquire("a") == 0 and limiter.acquire("a") == 0
+    assert limiter.acquire("a") == pytest.approx(30.0)  # one request every 30 s
+    assert limiter.acquire("b") == 0  # per caller
+    clock[0] += 30.0
+    assert limiter.acquire("a") == 0
+
+
+def payload(http: TestClient, headers: dict) -> bytes:
+    info = http.get("/v1/bundle", headers=headers).json()
+    params = MechanismParams.from_mu(10.0, bits=4, dim=8, clip=2.0)
+    return wire.encode(wire.Payload(params, info["defaults"]["projection_id"], np.zeros((2, 8), dtype=np.uint8)))
+
+
+def test_the_server_requires_valid_keys_and_answers_429_past_the_rate(settings, runner) -> None:
+    settings.require_api_key, settings.rate_limit_per_minute = True, 4
+    store = KeyStore(key_file(settings))
+    _, key = store.create("app")
+    good = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings, runner=runner)) as http:
+        assert http.get("/v1/bundle").status_code == 401
+        assert http.get("/v1/bundle", headers={"Authorization": "Bearer veil_1234abcd_nope"}).status_code == 403
+        body = payload(http, good)  # request 1 of 4
+        generated = http.post("/v1/generate", params={"max_new_tokens": 2}, content=body,
+                              headers={**good, "content-type": "application/octet-stream"})
+        assert generated.status_code == 200
+        assert http.get("/v1/bundle", headers=good).status_code == 200
+        assert http.get("/v1/bundle", headers=good).status_code == 200
+        limited = http.get("/v1/bundle", headers=good)
+        assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert http.get("/healthz").status_code == 200  # health is never limited or keyed
+
+
+def test_veil_keys_creates_lists_and_revokes(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path))
+    created = CliRunner().invoke(cli, ["keys", "create", "--name", "mobile-app"])
+    assert created.exit_code == 0, created.output
+    key = created.output.split()[0]
+    key_id = key.split("_")[1]
+    listed = CliRunner().invoke(cli, ["keys", "list"])
+    assert key_id in listed.output and "mobile-app" in listed.output and key not in listed.output
+    assert CliRunner().invoke(cli, ["keys", "revoke", key_id]).exit_code == 0
+    assert "REVOKED" in CliRunner().invoke(cli, ["keys", "list"]).output
+    assert CliRunner().invoke(cli, ["keys", "revoke", "ffffffff"]).exit_code != 0
+    assert KeyStore(tmp_path / "api-keys.json").verify(key) is None
