@@ -63,6 +63,13 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
+    def batch_key(self) -> tuple | None:
+        """Requests with equal keys can share one generate() call; None: this one runs alone (seeded sampling
+        must reproduce what it would alone, which a batch cannot promise)."""
+        if self.temperature > 0 and self.seed is not None:
+            return None
+        return (self.temperature, self.top_p, self.stop)
+
 
 class ModelRunner:
     """One causal LM, its tokenizer, and generation from embeddings (one request at a time)."""
@@ -85,13 +92,16 @@ class ModelRunner:
         """The model's token embedding table E (vocab x b)."""
         return self.model.get_input_embeddings().weight
 
-    def _generate_kwargs(self, embeds: torch.Tensor, params: GenerationParams) -> dict:
-        kwargs: dict = dict(
-            inputs_embeds=embeds[None].to(self.model.dtype),
-            attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long, device=embeds.device),
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-        )
+    def _generate_kwargs(self, embeds: list[torch.Tensor], params: GenerationParams) -> dict:
+        """generate() arguments for prompts of (positions x b) embeddings, left-padded to one length."""
+        length = max(e.shape[0] for e in embeds)
+        batch = torch.zeros(len(embeds), length, embeds[0].shape[1], dtype=self.model.dtype, device=embeds[0].device)
+        mask = torch.zeros(len(embeds), length, dtype=torch.long, device=embeds[0].device)
+        for i, e in enumerate(embeds):
+            batch[i, length - e.shape[0] :] = e
+            mask[i, length - e.shape[0] :] = 1
+        kwargs: dict = dict(inputs_embeds=batch, attention_mask=mask, max_new_tokens=params.max_new_tokens,
+                            pad_token_id=self._pad_id)
         if params.temperature > 0:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
@@ -100,18 +110,35 @@ class ModelRunner:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
 
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+
     def _seed(self, params: GenerationParams) -> None:
         if params.seed is not None:
             torch.manual_seed(params.seed)
 
     def generate(self, embeds: torch.Tensor, params: GenerationParams) -> tuple[str, int]:
         """Generate from a (positions x b) embedding sequence; returns (text, new token count)."""
+        return self.generate_batch([embeds], [params])[0]
+
+    def generate_batch(self, embeds: list[torch.Tensor], params: list[GenerationParams]) -> list[tuple[str, int]]:
+        """Generate for several prompts at once (left padding, attention masks); returns (text, new tokens) each.
+
+        The params must agree in everything but max_new_tokens (see `batch_key`); each answer is cut to its own.
+        """
+        longest = max(params, key=lambda p: p.max_new_tokens)
         with self._lock, torch.inference_mode():
-            self._seed(params)
-            out = self.model.generate(**self._generate_kwargs(embeds, params))
-        new_tokens = out[0]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        return truncate_at_stop(text, params.stop), int(new_tokens.shape[0])
+            self._seed(longest)
+            out = self.model.generate(**self._generate_kwargs(embeds, longest))
+        answers = []
+        for tokens, p in zip(out, params):
+            tokens = tokens[: p.max_new_tokens]
+            ends = ((tokens == self.tokenizer.eos_token_id) | (tokens == self._pad_id)).nonzero()
+            count = int(ends[0, 0]) + 1 if len(ends) else len(tokens)
+            text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
+            answers.append((truncate_at_stop(text, p.stop), count))
+        return answers
 
     def stream(self, embeds: torch.Tensor, params: GenerationParams) -> Generator[str, None, int]:
         """Yield text pieces as tokens arrive (stop strings trimmed); returns the new token count."""
@@ -122,7 +149,7 @@ class ModelRunner:
             try:
                 with self._lock, torch.inference_mode():
                     self._seed(params)
-                    out = self.model.generate(**self._generate_kwargs(embeds, params), streamer=streamer)
+                    out = self.model.generate(**self._generate_kwargs([embeds], params), streamer=streamer)
                 outcome.append(int(out.shape[1]))
             except Exception as err:  # re-raised in the consumer below
                 outcome.append(err)

@@ -8,6 +8,7 @@ from typing import Generator
 
 import torch
 
+from app.batching import Batcher
 from app.model_runner import GenerationParams, ModelRunner
 from app.reconstruction import PublishedProjection, load_projections, pca_projection, publish, reconstruct_payload
 from app.settings import ServerSettings
@@ -58,6 +59,7 @@ class InferenceService:
 
     def __init__(self, runner: ModelRunner, settings: ServerSettings):
         self.runner, self.settings = runner, settings
+        self.batcher = Batcher(runner, settings.max_batch_size, settings.batch_window_ms / 1000)
         tokenizer = runner.tokenizer
         self.tokenizer_bytes = tokenizer.backend_tokenizer.to_str().encode()
         self.catalog = self._load_catalog()
@@ -119,7 +121,7 @@ class InferenceService:
 
     def generate(self, prepared: PreparedInput, params: GenerationParams) -> GenerateResponse:
         start = time.perf_counter()
-        text, new_tokens = self.runner.generate(prepared.embeddings, params)
+        text, new_tokens = self.batcher.generate(prepared.embeddings, params)
         timings = {**prepared.timings, "generate": time.perf_counter() - start}
         return self._response(prepared, text, new_tokens, timings)
 

@@ -35,6 +35,10 @@ class ServerSettings(BaseSettings):
     admin_key: SecretStr | None = None
     """The admin API's bearer key (separate from client keys); the admin API is off without one."""
     max_upload_bytes: int = 64 * 1024 * 1024
+    max_batch_size: int = 8
+    """Generate requests that arrive while the model is busy run together, up to this many at once."""
+    batch_window_ms: float = 5.0
+    """How long the batcher waits for more requests after the first one."""
     require_api_key: bool = False
     """Whether /v1 routes need `Authorization: Bearer <client key>` (keys: `veil keys create`)."""
     rate_limit_per_minute: int = 600
