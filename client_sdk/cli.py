@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from typing import Iterator
 
 import typer
 
@@ -77,6 +79,38 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
 
 
+@contextmanager
+def local_server(port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`veil serve` on 127.0.0.1:`port` in a subprocess; yields its URL once /readyz answers, stops it after."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "client_sdk.cli", "serve", "--port", str(port)],
+                              env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise typer.Exit(f"the server exited with code {server.returncode}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise typer.Exit("the server did not start within 300 seconds")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @cli.command()
 def demo(
     prompt: str = typer.Option("What is the capital of France?", help="the prompt to send privately"),
@@ -86,52 +120,29 @@ def demo(
     port: int = typer.Option(8765),
 ) -> None:
     """Start the server on the default model, send one private prompt through the SDK, print what it cost."""
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
     from client_sdk.client import PrivateLLMClient
 
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "client_sdk.cli", "serve", "--port", str(port)])
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise typer.Exit(f"the server exited with code {server.returncode}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise typer.Exit("the server did not start within 300 seconds")
-            time.sleep(0.5)
+    with local_server(port) as url:
         with PrivateLLMClient(url, mu=mu, bits=bits) as client:
             result = client.generate(prompt, max_new_tokens=max_new_tokens)
             info = client.bundle.info
-        report = result.privacy
-        typer.echo(f"prompt (stays on this device): {prompt!r}")
-        typer.echo(f"answer: {result.text!r}")
-        if result.soft_prompt:
-            match = "exact match" if result.soft_prompt_exact else "nearest trained mu"
-            typer.echo(f"soft prompt used: {result.soft_prompt} (trained for mu={result.soft_prompt_mu:g}, {match})")
-        else:
-            typer.echo("soft prompt used: none (no trained soft prompt for this projection and n)")
-        typer.echo(f"privacy: n={report.bits}, k={report.dim}, mu={report.mu_clt:.4g} per token; exact epsilon "
-                   f"{report.epsilon_per_token:.4g} per token, {report.epsilon:.4g} for the whole "
-                   f"{report.tokens}-token prompt (delta={report.delta:g})")
-        fp32 = report.tokens * info.hidden_size * 4
-        typer.echo(f"bytes sent: {result.bytes_sent} (fp32 embeddings would be {fp32}: "
-                   f"{fp32 / result.bytes_sent:.1f}x more)")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    report = result.privacy
+    typer.echo(f"prompt (stays on this device): {prompt!r}")
+    typer.echo(f"answer: {result.text!r}")
+    if result.soft_prompt:
+        match = "exact match" if result.soft_prompt_exact else "nearest trained mu"
+        typer.echo(f"soft prompt used: {result.soft_prompt} (trained for mu={result.soft_prompt_mu:g}, {match})")
+    else:
+        typer.echo("soft prompt used: none (no trained soft prompt for this projection and n)")
+    typer.echo(f"privacy: n={report.bits}, k={report.dim}, mu={report.mu_clt:.4g} per token; exact epsilon "
+               f"{report.epsilon_per_token:.4g} per token, {report.epsilon:.4g} for the whole "
+               f"{report.tokens}-token prompt (delta={report.delta:g})")
+    fp32 = report.tokens * info.hidden_size * 4
+    typer.echo(f"bytes sent: {result.bytes_sent} (fp32 embeddings would be {fp32}: "
+               f"{fp32 / result.bytes_sent:.1f}x more)")
 
 
-BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt")
+BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
