@@ -200,6 +200,8 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
                 yield sse("done", end.value.model_dump_json())
             except Exception as exc:  # the status line is already sent: report in-band
                 yield sse("error", json.dumps({"error": "generation_failed", "detail": str(exc)}))
+            finally:
+                pieces.close()  # the client went away: stop generating and free the model
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -11,7 +11,7 @@ from typing import Generator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from app.files import atomic_directory
 from app.settings import DEFAULT_MODEL
@@ -144,12 +144,14 @@ class ModelRunner:
         """Yield text pieces as tokens arrive (stop strings trimmed); returns the new token count."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True, timeout=600)
         outcome: list = []
+        cancelled = threading.Event()
 
         def work() -> None:
             try:
                 with self._lock, torch.inference_mode():
                     self._seed(params)
-                    out = self.model.generate(**self._generate_kwargs([embeds], params), streamer=streamer)
+                    out = self.model.generate(**self._generate_kwargs([embeds], params), streamer=streamer,
+                                              stopping_criteria=StoppingCriteriaList([StopWhenSet(cancelled)]))
                 outcome.append(int(out.shape[1]))
             except Exception as err:  # re-raised in the consumer below
                 outcome.append(err)
@@ -158,19 +160,32 @@ class ModelRunner:
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         emitted = ""
-        for piece in streamer:
-            before = len(emitted)
-            emitted += piece
-            cut = truncate_at_stop(emitted, params.stop)
-            if cut != emitted:
-                if len(cut) > before:
-                    yield cut[before:]
-                break
-            yield piece
-        worker.join()
+        try:
+            for piece in streamer:
+                before = len(emitted)
+                emitted += piece
+                cut = truncate_at_stop(emitted, params.stop)
+                if cut != emitted:
+                    if len(cut) > before:
+                        yield cut[before:]
+                    break
+                yield piece
+        finally:  # also when the consumer goes away (a client disconnected): stop generating, free the model
+            cancelled.set()
+            worker.join()
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
+
+
+class StopWhenSet(StoppingCriteria):
+    """Stops generation at the next token once `event` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:

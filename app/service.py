@@ -130,14 +130,17 @@ class InferenceService:
         start = time.perf_counter()
         pieces = []
         generator = self.runner.stream(prepared.embeddings, params)
-        while True:
-            try:
-                piece = next(generator)
-            except StopIteration as end:
-                new_tokens = end.value
-                break
-            pieces.append(piece)
-            yield piece
+        try:
+            while True:
+                try:
+                    piece = next(generator)
+                except StopIteration as end:
+                    new_tokens = end.value
+                    break
+                pieces.append(piece)
+                yield piece
+        finally:
+            generator.close()  # a consumer that stops early stops the generation too
         timings = {**prepared.timings, "generate": time.perf_counter() - start}
         return self._response(prepared, "".join(pieces), new_tokens, timings)
 

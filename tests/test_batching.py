@@ -59,3 +59,15 @@ def test_concurrent_requests_share_generate_calls_and_seeded_sampling_runs_alone
         thread.join()
     assert calls == [1, 1, 1]
     batcher.close()
+
+
+def test_a_stream_whose_reader_goes_away_stops_generating_and_frees_the_model() -> None:
+    runner = tiny_runner()
+    forward, steps = runner.model.forward, []
+    runner.model.forward = lambda *args, **kwargs: steps.append(1) or forward(*args, **kwargs)
+    stream = runner.stream(prompts(1)[0], GenerationParams(max_new_tokens=200))
+    next(stream)
+    stream.close()  # what a disconnected client's response does
+    assert len(steps) < 50  # stopped at the next token, not after 200
+    assert runner._lock.acquire(timeout=1)  # the model is free again
+    runner._lock.release()

@@ -220,3 +220,40 @@ def test_veil_bench_refuses_an_unknown_benchmark() -> None:
 
     result = CliRunner().invoke(cli, ["bench", "nope"])
     assert result.exit_code != 0 and "unknown benchmark" in result.output
+
+
+def test_sigkill_mid_training_leaves_no_artifact_and_the_same_command_resumes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir = tmp_path / "tiny"
+    runner = tiny_runner()
+    runner.model.save_pretrained(model_dir)
+    runner.tokenizer.save_pretrained(model_dir)
+    (tmp_path / "data" / "wikitext-2").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext-2" / "valid.txt").write_text(corpus())
+    env = {**os.environ, **{f"VEIL_{k}": str(v) for k, v in dict(
+        CACHE_DIR=tmp_path / "cache", PROJECTION_DIR=tmp_path / "projections", SOFT_PROMPT_DIR=tmp_path / "soft_prompts",
+        DATA_DIR=tmp_path / "data", PROJECTION_DIM=8).items()}}
+    checkpoint = tmp_path / "run.pt"
+    command = [sys.executable, "-m", "client_sdk.cli", "train", "soft-prompt", "--model", str(model_dir), "--name", "s",
+               "--mu", "10", "-m", "4", "--steps", "600", "--prefix-tokens", "8", "--continuation-tokens", "8",
+               "--batch-size", "4", "--checkpoint", str(checkpoint)]
+    training = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and training.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    training.send_signal(signal.SIGKILL)
+    training.wait()
+    assert training.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert manifests(tmp_path / "soft_prompts") == {}  # nothing half-written is ever served or listed
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < step < 600
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    manifest = manifests(tmp_path / "soft_prompts")["s"]
+    assert manifest["steps"] == 600 and len(manifest["loss_curve"]) == 600  # resumed, not restarted short
