@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
 
     def measure(url: str) -> list[dict]:
@@ -99,8 +100,8 @@ def main() -> None:
         print(f"| {row['clients']} | {row['requests_per_second']:.2f} | {row['tokens_per_second']:.1f} | "
               f"{row['tokens_per_second'] / base:.2f}x | {row['p50']:.2f} | {row['p95']:.2f} | {row['p99']:.2f} | "
               f"{row['errors']} |")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
