@@ -27,8 +27,13 @@ from app.soft_prompts import load_soft_prompt
 from app.training.config import held_out_loss
 from app.training.data import evenly_spaced, read_corpus, token_segments
 from app.training.dp_soft_prompt import DPSoftPromptConfig, train_dp_soft_prompt
-from app.training.soft_prompt import SoftPromptConfig, private_prefix_loss, train_soft_prompt
+from app.training.soft_prompt import (
+    SoftPromptConfig,
+    private_prefix_loss,
+    train_soft_prompt,
+)
 from bench.cells import run_cells
+from bench.plotting import pyplot
 
 RESULTS = Path(__file__).parent / "results" / "dp-soft-prompt.json"
 IMAGE = Path(__file__).parents[1] / "docs" / "img" / "dp-soft-prompt.png"
@@ -98,13 +103,8 @@ def main() -> None:
 
 
 def plot(results: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no plot: `pip install -e .[bench]` for matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     cells = results["cells"]
     private = [(c["dp"]["epsilon"], c["perplexity"]) for c in cells.values() if c.get("dp")]

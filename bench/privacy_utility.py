@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+
 from app.files import write_bytes_atomic, write_json_atomic
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, pca_projection, publish

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from bench.pipeline import PREFIX
+from bench.plotting import pyplot
 
 FLOORS = {"clean": "clean prefix (no privacy)", "nothing": "sending nothing", "random": "random prefix"}
 ROW_NAMES = {"gaussian": "Gaussian on full embeddings (fp32 on the wire)",
@@ -138,13 +139,8 @@ def render(results: dict) -> str:
 
 def plot(results: dict, directory: Path, prefix: str) -> list[Path]:
     """Utility against mu and attacks/audit against mu, one column per n; returns the files written."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no plots: `pip install -e .[bench]` for matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return []
     plan, cells = results["plan"], results["cells"]
     mus, bits = plan["mus"], plan["bits"]

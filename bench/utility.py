@@ -29,13 +29,22 @@ import numpy as np
 import torch
 
 from app.artifacts import manifests
-from bench.attacks import maximum_likelihood, nearest_neighbour, recovery_rate
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, pca_projection, publish
 from app.settings import ServerSettings
 from app.soft_prompts import load_soft_prompt
 from app.training.evaluate import start_prefix
-from bench.pipeline import CONTINUATION, PREFIX, load_sample, mean_nll, reconstruct, send, start_token
+from bench.attacks import maximum_likelihood, nearest_neighbour, recovery_rate
+from bench.pipeline import (
+    CONTINUATION,
+    PREFIX,
+    load_sample,
+    mean_nll,
+    reconstruct,
+    send,
+    start_token,
+)
+from bench.plotting import pyplot
 from client_sdk.accounting import privacy_report
 from client_sdk.bundle import load_projected_table
 from client_sdk.mechanism import MechanismParams
@@ -121,13 +130,8 @@ def main() -> None:
 
 def plot(nll: dict[str, float], levels: list[dict], labels: list[str], settings: ServerSettings) -> None:
     """Perplexity per row and level against the two references, and every shipped artifact's loss curve."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no plots: `pip install .[bench]` for matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     IMAGES.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9, 4.5))

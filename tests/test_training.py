@@ -160,21 +160,27 @@ def test_jobs_survive_a_restart_and_resume_from_their_checkpoint(settings) -> No
     restarted.close()
 
 
-def test_veil_train_cli_trains_and_activates(tmp_path: Path, monkeypatch) -> None:
-    from typer.testing import CliRunner
-
-    from client_sdk.cli import cli
-
+def cli_setup(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The tiny model saved as a directory, a corpus, and the VEIL_* variables pointing a server's folders at them."""
     model_dir = tmp_path / "tiny"
     runner = tiny_runner()
     runner.model.save_pretrained(model_dir)
     runner.tokenizer.save_pretrained(model_dir)
     (tmp_path / "data" / "wikitext-2").mkdir(parents=True)
     (tmp_path / "data" / "wikitext-2" / "valid.txt").write_text(corpus())
-    for name, value in dict(CACHE_DIR=tmp_path / "cache", PROJECTION_DIR=tmp_path / "projections",
-                            SOFT_PROMPT_DIR=tmp_path / "soft_prompts", DATA_DIR=tmp_path / "data",
-                            PROJECTION_DIM=8).items():
-        monkeypatch.setenv(f"VEIL_{name}", str(value))
+    folders = dict(CACHE_DIR=tmp_path / "cache", PROJECTION_DIR=tmp_path / "projections",
+                   SOFT_PROMPT_DIR=tmp_path / "soft_prompts", DATA_DIR=tmp_path / "data", PROJECTION_DIM=8)
+    return model_dir, {f"VEIL_{name}": str(value) for name, value in folders.items()}
+
+
+def test_veil_train_cli_trains_and_activates(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from client_sdk.cli import cli
+
+    model_dir, env = cli_setup(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     shape = ["--prefix-tokens", "8", "--continuation-tokens", "8", "--batch-size", "4"]
     result = CliRunner().invoke(cli, ["train", "projection", "--model", str(model_dir), "--name", "p", "--dim", "8",
                                       "--steps", "3", "--activate", *shape])
@@ -229,15 +235,8 @@ def test_sigkill_mid_training_leaves_no_artifact_and_the_same_command_resumes(tm
     import sys
     import time
 
-    model_dir = tmp_path / "tiny"
-    runner = tiny_runner()
-    runner.model.save_pretrained(model_dir)
-    runner.tokenizer.save_pretrained(model_dir)
-    (tmp_path / "data" / "wikitext-2").mkdir(parents=True)
-    (tmp_path / "data" / "wikitext-2" / "valid.txt").write_text(corpus())
-    env = {**os.environ, **{f"VEIL_{k}": str(v) for k, v in dict(
-        CACHE_DIR=tmp_path / "cache", PROJECTION_DIR=tmp_path / "projections", SOFT_PROMPT_DIR=tmp_path / "soft_prompts",
-        DATA_DIR=tmp_path / "data", PROJECTION_DIM=8).items()}}
+    model_dir, veil_env = cli_setup(tmp_path)
+    env = {**os.environ, **veil_env}
     checkpoint = tmp_path / "run.pt"
     command = [sys.executable, "-m", "client_sdk.cli", "train", "soft-prompt", "--model", str(model_dir), "--name", "s",
                "--mu", "10", "-m", "4", "--steps", "600", "--prefix-tokens", "8", "--continuation-tokens", "8",

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection
 from app.soft_prompts import save_soft_prompt
-from app.training.config import held_out_loss, training_record, training_segments
+from app.training.config import training_segments
 from app.training.evaluate import continuation_loss
 from app.training.loop import Cancelled, LoopState
-from app.training.soft_prompt import SoftPromptConfig, init_from_text, private_prefix_loss, privatized_prefix
+from app.training.soft_prompt import SoftPromptConfig, init_from_text, privatized_prefix, soft_prompt_manifest
 
 TENANT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -157,16 +157,8 @@ def train_dp_soft_prompt(runner: ModelRunner, projection: Projection, config: DP
                         if state.step == config.steps:
                             break
     prompt = wrapped.prompt.embeddings.detach()
-    evaluation_loss = private_prefix_loss(runner, projection, config, prompt)
     manifest = {
-        "kind": "soft_prompt",
-        "projection_id": config.projection_id,
-        "bits": config.bits,
-        "mu": config.mu,
-        **training_record(runner.model_id, config, text, train, state),
-        "held_out_loss": held_out_loss(evaluation_loss, held, config.batch_size, config.seed),
-        "held_out_loss_without_prompt": held_out_loss(private_prefix_loss(runner, projection, config, None), held,
-                                                      config.batch_size, config.seed),
+        **soft_prompt_manifest(runner, projection, config, prompt, text, train, held, state),
         "dp": {
             "tenant": config.tenant,
             "epsilon": engine.get_epsilon(delta),

@@ -19,7 +19,7 @@ from app.reconstruction import Projection
 from app.soft_prompts import save_soft_prompt
 from app.training.config import TrainingConfig, held_out_loss, training_record, training_segments
 from app.training.evaluate import continuation_loss
-from app.training.loop import train_loop
+from app.training.loop import LoopState, train_loop
 from app.training.mechanism import privatize
 from client_sdk.mechanism import MechanismParams
 
@@ -72,6 +72,19 @@ def private_prefix_loss(runner: ModelRunner, projection: Projection, config: Sof
     return loss
 
 
+def soft_prompt_manifest(runner: ModelRunner, projection: Projection, config: SoftPromptConfig, prompt: torch.Tensor,
+                         text: str, train: torch.Tensor, held: torch.Tensor, state: LoopState) -> dict:
+    """A trained soft prompt's manifest: its mechanism setting, how it was trained, and its held-out loss with
+    and without it."""
+    def held_out(soft_prompt: torch.Tensor | None) -> float:
+        return held_out_loss(private_prefix_loss(runner, projection, config, soft_prompt), held, config.batch_size,
+                             config.seed)
+
+    return {"kind": "soft_prompt", "projection_id": config.projection_id, "bits": config.bits, "mu": config.mu,
+            **training_record(runner.model_id, config, text, train, state),
+            "held_out_loss": held_out(prompt), "held_out_loss_without_prompt": held_out(None)}
+
+
 def train_soft_prompt(runner: ModelRunner, projection: Projection, config: SoftPromptConfig, text: str,
                       out_dir: Path, *, checkpoint: Path | None = None, cancel: threading.Event | None = None,
                       on_step: Callable[[int, float], None] | None = None) -> dict:
@@ -83,15 +96,6 @@ def train_soft_prompt(runner: ModelRunner, projection: Projection, config: SoftP
     state = train_loop({"prompt_embeddings": soft_prompt}, loss, train, steps=config.steps,
                        batch_size=config.batch_size, lr=config.lr, seed=config.seed,
                        run_key=config.model_dump_json(), checkpoint=checkpoint, cancel=cancel, on_step=on_step)
-    manifest = {
-        "kind": "soft_prompt",
-        "projection_id": config.projection_id,
-        "bits": config.bits,
-        "mu": config.mu,
-        **training_record(runner.model_id, config, text, train, state),
-        "held_out_loss": held_out_loss(loss, held, config.batch_size, config.seed),
-        "held_out_loss_without_prompt": held_out_loss(private_prefix_loss(runner, projection, config, None), held,
-                                                      config.batch_size, config.seed),
-    }
+    manifest = soft_prompt_manifest(runner, projection, config, soft_prompt.detach(), text, train, held, state)
     save_soft_prompt(soft_prompt.detach(), out_dir / config.name, manifest, runner)
     return manifest
