@@ -6,9 +6,10 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, AsyncIterator, Iterator
+from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -190,18 +191,28 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
             metrics.completion_tokens.inc(answer.completion_tokens)
             return JSONResponse(answer.model_dump())
 
-        def events() -> Iterator[str]:
-            pieces = svc.stream(prepared, params)
+        async def events() -> AsyncIterator[str]:
+            cancelled = threading.Event()
+            pieces = svc.stream(prepared, params, cancelled)
+
+            def advance() -> tuple[str, GenerateResponse | None]:
+                try:
+                    return next(pieces), None
+                except StopIteration as end:
+                    return "", end.value
+
             try:
                 while True:
-                    yield sse(None, json.dumps({"text": next(pieces)}))
-            except StopIteration as end:
-                metrics.completion_tokens.inc(end.value.completion_tokens)
-                yield sse("done", end.value.model_dump_json())
+                    piece, final = await run_in_threadpool(advance)
+                    if final is not None:
+                        metrics.completion_tokens.inc(final.completion_tokens)
+                        yield sse("done", final.model_dump_json())
+                        return
+                    yield sse(None, json.dumps({"text": piece}))
             except Exception as exc:  # the status line is already sent: report in-band
                 yield sse("error", json.dumps({"error": "generation_failed", "detail": str(exc)}))
-            finally:
-                pieces.close()  # the client went away: stop generating and free the model
+            finally:  # also when the client disconnects (the task is cancelled): stop at the next token
+                cancelled.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -140,11 +140,15 @@ class ModelRunner:
             answers.append((truncate_at_stop(text, p.stop), count))
         return answers
 
-    def stream(self, embeds: torch.Tensor, params: GenerationParams) -> Generator[str, None, int]:
-        """Yield text pieces as tokens arrive (stop strings trimmed); returns the new token count."""
+    def stream(self, embeds: torch.Tensor, params: GenerationParams,
+               cancelled: threading.Event | None = None) -> Generator[str, None, int]:
+        """Yield text pieces as tokens arrive (stop strings trimmed); returns the new token count.
+
+        Generation stops at the next token once `cancelled` is set (from any thread) or the generator is closed.
+        """
         streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True, timeout=600)
         outcome: list = []
-        cancelled = threading.Event()
+        cancelled = cancelled or threading.Event()
 
         def work() -> None:
             try:
@@ -170,9 +174,10 @@ class ModelRunner:
                         yield cut[before:]
                     break
                 yield piece
-        finally:  # also when the consumer goes away (a client disconnected): stop generating, free the model
+        finally:  # also when the consumer goes away: stop generating, free the model
             cancelled.set()
-            worker.join()
+            if threading.current_thread() is not worker:  # a generator may be finalised on any thread
+                worker.join()
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Generator
@@ -125,11 +126,14 @@ class InferenceService:
         timings = {**prepared.timings, "generate": time.perf_counter() - start}
         return self._response(prepared, text, new_tokens, timings)
 
-    def stream(self, prepared: PreparedInput, params: GenerationParams) -> Generator[str, None, GenerateResponse]:
-        """Yield text pieces; returns the final response (with the whole text) when generation ends."""
+    def stream(self, prepared: PreparedInput, params: GenerationParams,
+               cancelled: threading.Event | None = None) -> Generator[str, None, GenerateResponse]:
+        """Yield text pieces; returns the final response (with the whole text) when generation ends.
+
+        Setting `cancelled` (from any thread) stops generation at the next token."""
         start = time.perf_counter()
         pieces = []
-        generator = self.runner.stream(prepared.embeddings, params)
+        generator = self.runner.stream(prepared.embeddings, params, cancelled)
         try:
             while True:
                 try:

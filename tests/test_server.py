@@ -174,3 +174,32 @@ def test_readyz_is_503_until_the_model_is_up(settings, runner) -> None:
     app = create_app(settings, runner=runner)
     response = TestClient(app).get("/readyz")  # no lifespan: nothing loaded
     assert response.status_code == 503 and response.json()["error"] == "not_ready"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_model(settings, client_cache) -> None:
+    import time
+
+    from tests.conftest import tiny_runner
+
+    runner = tiny_runner()
+    runner.model.generation_config.eos_token_id = None  # only max_new_tokens, or a cancel, ends a generation
+    forward, steps = runner.model.forward, []
+
+    def slow_forward(*args, **kwargs):
+        steps.append(1)
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    runner.model.forward = slow_forward
+    settings.max_new_tokens = 400
+    with LoopbackServer(create_app(settings, runner=runner)) as server:
+        with PrivateLLMClient(server.url, cache_dir=client_cache) as client:
+            body = client.prepare("hello world").payload
+        with httpx.Client(base_url=server.url) as http:
+            with http.stream("POST", "/v1/generate", params={"max_new_tokens": 400, "stream": "true"}, content=body,
+                             headers={"content-type": "application/octet-stream"}) as response:
+                next(line for line in response.iter_lines() if line.startswith("data"))
+        time.sleep(1.5)  # 400 steps would take at least 4 s
+        assert len(steps) < 150
+        assert runner._lock.acquire(timeout=2)  # the slot is free for the next request
+        runner._lock.release()
