@@ -164,7 +164,8 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
             raise HTTPException(404, f"no projection {projection_id!r}")
         return Response(published.table_bytes, media_type="application/octet-stream")
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, openapi_extra=PAYLOAD_BODY, dependencies=client)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, openapi_extra=PAYLOAD_BODY,
+              dependencies=client)
     async def generate(
         request: Request,
         max_new_tokens: Annotated[int, Query(ge=1, le=settings.max_new_tokens)] = 64,

@@ -72,7 +72,8 @@ class GenerationParams:
 
 
 class ModelRunner:
-    """One causal LM, its tokenizer, and generation from embeddings (one request at a time)."""
+    """One causal LM, its tokenizer, and generation from embeddings (one generate() call at a time, which may
+    carry a batch of requests)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str) -> None:
         self.model = model.eval()
