@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from client_sdk.cli import local_server
+from app.cli import local_server
 from client_sdk.client import PrivateLLMClient
 
 RESULTS = Path(__file__).parent / "results" / "load.json"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from app.api import create_app
 from app.keys import KeyStore, RateLimiter, key_file
 from client_sdk import wire
-from client_sdk.cli import cli
+from app.cli import cli
 from client_sdk.mechanism import MechanismParams
 
 

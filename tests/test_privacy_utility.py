@@ -118,7 +118,7 @@ def test_the_plots_are_written(saved, tmp_path) -> None:
 def test_veil_bench_runs_the_hyphenated_benchmark() -> None:
     from typer.testing import CliRunner
 
-    from client_sdk.cli import cli
+    from app.cli import cli
 
     result = CliRunner().invoke(cli, ["bench", "dp-soft-prompt", "--", "--help"])  # not imported by the tests
     assert result.exit_code == 0 and "--epsilons" in result.output

@@ -176,7 +176,7 @@ def cli_setup(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 def test_veil_train_cli_trains_and_activates(tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from client_sdk.cli import cli
+    from app.cli import cli
 
     model_dir, env = cli_setup(tmp_path)
     for name, value in env.items():
@@ -222,7 +222,7 @@ def test_shipped_artifacts_are_consistent() -> None:
 def test_veil_bench_refuses_an_unknown_benchmark() -> None:
     from typer.testing import CliRunner
 
-    from client_sdk.cli import cli
+    from app.cli import cli
 
     result = CliRunner().invoke(cli, ["bench", "nope"])
     assert result.exit_code != 0 and "unknown benchmark" in result.output
@@ -238,7 +238,7 @@ def test_sigkill_mid_training_leaves_no_artifact_and_the_same_command_resumes(tm
     model_dir, veil_env = cli_setup(tmp_path)
     env = {**os.environ, **veil_env}
     checkpoint = tmp_path / "run.pt"
-    command = [sys.executable, "-m", "client_sdk.cli", "train", "soft-prompt", "--model", str(model_dir), "--name", "s",
+    command = [sys.executable, "-m", "app.cli", "train", "soft-prompt", "--model", str(model_dir), "--name", "s",
                "--mu", "10", "-m", "4", "--steps", "600", "--prefix-tokens", "8", "--continuation-tokens", "8",
                "--batch-size", "4", "--checkpoint", str(checkpoint)]
     training = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
