@@ -1,11 +1,11 @@
-"""Accounting checked against closed forms, brute force, dp-accounting, and the reference values."""
+"""Accounting checked against closed forms, brute-force sums over every outcome, and dp-accounting."""
 
 import json
 import math
 
 import numpy as np
 import pytest
-from scipy import special, stats
+from scipy import optimize, special, stats
 from typer.testing import CliRunner
 
 from client_sdk.accounting import binomial, gdp, pld, privacy_report
@@ -21,12 +21,28 @@ def worst_case(params: MechanismParams) -> tuple[int, float]:
     return params.levels * params.dim, params.worst_case_p
 
 
-@pytest.mark.parametrize(
-    ("mu", "tokens", "expected"), [(1.0, 1, 4.373), (1.0, 64, 65.31), (5.0, 1, 32.98)]
-)
-def test_reference_values(mu: float, tokens: int, expected: float) -> None:
-    report = privacy_report(paper_setting(mu), tokens=tokens, delta=1e-5)
-    assert report.epsilon == pytest.approx(expected, abs=0.006)
+def brute_force_epsilon(trials: int, p: float, delta: float) -> float:
+    """epsilon(delta) of Bin(trials, p) vs Bin(trials, 1-p) by summing the hockey stick over every outcome and
+    solving for epsilon with a root finder: independent of the tail windows and threshold search under test."""
+    x = np.arange(trials + 1)
+    log_p, log_q = stats.binom.logpmf(x, trials, p), stats.binom.logpmf(x, trials, 1 - p)
+
+    def log_delta(eps: float) -> float:
+        gap = log_p - (eps + log_q)
+        positive = gap > 0
+        return float(special.logsumexp(log_p[positive] + np.log(-np.expm1(-gap[positive])))) \
+            if positive.any() else -math.inf
+
+    upper = float(np.max(log_p - log_q))
+    return optimize.brentq(lambda eps: log_delta(eps) - math.log(delta), 0.0, upper, xtol=1e-10)
+
+
+@pytest.mark.parametrize(("mu", "tokens"), [(1.0, 1), (1.0, 64), (5.0, 1), (20.0, 8)])
+def test_epsilon_matches_a_brute_force_computation(mu: float, tokens: int) -> None:
+    params = paper_setting(mu)
+    trials, p = worst_case(params)
+    report = privacy_report(params, tokens=tokens, delta=1e-5)
+    assert report.epsilon == pytest.approx(brute_force_epsilon(tokens * trials, p, 1e-5), rel=1e-7)
 
 
 def test_one_trial_is_randomized_response() -> None:
@@ -119,8 +135,9 @@ def test_report_and_cli_json() -> None:
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["epsilon"] == pytest.approx(65.31, abs=0.006)
-    assert report["epsilon_per_token"] == pytest.approx(4.373, abs=0.001)
+    trials, p = worst_case(paper_setting(1.0))
+    assert report["epsilon"] == pytest.approx(brute_force_epsilon(64 * trials, p, 1e-5), rel=1e-7)
+    assert report["epsilon_per_token"] == pytest.approx(brute_force_epsilon(trials, p, 1e-5), rel=1e-7)
     assert report["mu_clt"] == pytest.approx(1.0, rel=1e-6) and 0 < report["gamma"] < 0.05
     assert report["A"] == pytest.approx(0.05 * math.sqrt(4 * 15 * 128 + 1), rel=1e-6)
     assert report["bits_sent"] == 4 * 128 * 64
