@@ -32,12 +32,12 @@ def serve(
     """Run the server (needs `pip install .[server]`); settings also come from VEIL_* variables."""
     import uvicorn
 
-    from app.api import create_app
+    from app.api import create_app, uvicorn_options
     from app.settings import ServerSettings
 
     overrides = {k: v for k, v in dict(model=model, host=host, port=port, device=device).items() if v is not None}
     settings = ServerSettings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
 
 
 @contextmanager
