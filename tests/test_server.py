@@ -137,8 +137,9 @@ def test_wrong_content_type_and_unknown_routes(http) -> None:
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
 
 
-def test_openapi_documents_the_binary_body(http) -> None:
-    spec = http.get("/openapi.json").json()
+def test_openapi_documents_the_binary_body(settings, runner) -> None:
+    with TestClient(create_app(settings.model_copy(update={"docs": True}), runner=runner)) as http:
+        spec = http.get("/openapi.json").json()
     body = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
     assert body["application/octet-stream"]["schema"]["format"] == "binary"
 
