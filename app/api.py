@@ -1,15 +1,18 @@
-"""The HTTP app (FastAPI): lifespan, observability, error bodies, and the routers (app/routes, app/admin).
+"""The HTTP app (FastAPI): lifespan, observability, error bodies, and the routers (app/routes, app/admin); and
+how `veil serve` runs it under uvicorn (`uvicorn_options`).
 
 Every error is a JSON body {"error", "detail"} (see app/errors.py).
 """
 
+import copy
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from uvicorn.config import LOGGING_CONFIG
 
-from app.access import ClientAccess
+from app.access import ClientAccess, Throttle
 from app.admin import admin_router
 from app.errors import install_error_handlers
 from app.metrics import Metrics
@@ -39,13 +42,30 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
         await run_in_threadpool(app.state.jobs.close)
         await run_in_threadpool(app.state.service.batcher.close)
 
-    app = FastAPI(title="veil", version="0.1.0", lifespan=lifespan,
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="veil", version="0.1.0", lifespan=lifespan, **docs,
                   description="Private split inference: the prompt arrives privatized by the DEL mechanism.")
     app.state.settings, app.state.metrics = settings, Metrics()
     install_observability(app, settings, app.state.metrics)
     install_error_handlers(app)
-    access = ClientAccess(settings)
+    throttle = Throttle(settings)
+    access = ClientAccess(settings, throttle)
     app.include_router(public_router(access))
     app.include_router(generate_router(settings, access))
-    app.include_router(admin_router(settings), responses=ADMIN_ERRORS)
+    app.include_router(admin_router(settings, throttle), responses=ADMIN_ERRORS)
     return app
+
+
+def uvicorn_options(settings: ServerSettings) -> dict:
+    """How `veil serve` runs the app: forwarded headers believed only from `trusted_proxies` (none by default),
+    uvicorn's own access log off unless asked for (it prints query strings, which carry user text), and the
+    `veil.access` JSON lines on stdout."""
+    trusted = settings.trusted_proxies.strip()
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["formatters"]["json_lines"] = {"format": "%(message)s"}
+    log_config["handlers"]["json_lines"] = {"class": "logging.StreamHandler", "formatter": "json_lines",
+                                            "stream": "ext://sys.stdout"}
+    log_config["loggers"]["veil"] = {"handlers": ["json_lines"], "level": "INFO", "propagate": False}
+    return {"host": settings.host, "port": settings.port, "proxy_headers": bool(trusted),
+            "forwarded_allow_ips": trusted or None, "access_log": settings.uvicorn_access_log,
+            "log_config": log_config}

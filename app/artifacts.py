@@ -2,17 +2,26 @@
 
 Projections and soft prompts share this layout. A manifest names the model it was trained for and
 whether the server serves it ("active"); everything else in it is the artifact's own business.
+
+An artifact's folder is a symlink to its current version (see app.files.atomic_directory), so replacing one is a
+single rename. A DP artifact's manifest (one with a "dp" block) keeps nothing about its training data: the fields in
+`SERVER_ONLY` go to `training-record.json` beside it, which no route serves and which stays on the server when the
+artifact is released.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
-from app.files import atomic_directory, write_json_atomic
+from app.files import atomic_directory, remove_directory, write_json_atomic
+
 MANIFEST = "manifest.json"
+TRAINING_RECORD = "training-record.json"
+SERVER_ONLY = ("data_sha256", "train_segments", "loss_curve", "held_out_loss", "held_out_loss_without_prompt")
+"""What a DP artifact's manifest leaves out: a hash of the data (which confirms a guessed dataset), its size, and
+losses measured on it without DP (the loss curve and the held-out losses)."""
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -28,11 +37,18 @@ def artifact_dir(root: Path, name: str) -> Path:
 
 
 def write_artifact(directory: Path, files: dict[str, bytes], manifest: dict) -> None:
-    """Write the files and the manifest as one atomic replacement of `directory`."""
+    """Write the files and the manifest (split from its training record for DP) as one atomic replacement of
+    `directory`."""
+    if "dp" in manifest:
+        files = {**files, TRAINING_RECORD: dump({k: manifest[k] for k in SERVER_ONLY if k in manifest})}
+        manifest = {k: v for k, v in manifest.items() if k not in SERVER_ONLY}
     with atomic_directory(directory) as staging:
-        for name, data in files.items():
+        for name, data in {**files, MANIFEST: dump(manifest)}.items():
             (staging / name).write_bytes(data)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def dump(value: dict) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
 
 
 def read_manifest(directory: Path) -> dict:
@@ -64,4 +80,4 @@ def set_active(directory: Path, active: bool) -> dict:
 
 def delete_artifact(directory: Path) -> None:
     read_manifest(directory)
-    shutil.rmtree(directory)
+    remove_directory(directory)

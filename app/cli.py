@@ -32,12 +32,12 @@ def serve(
     """Run the server (needs `pip install .[server]`); settings also come from VEIL_* variables."""
     import uvicorn
 
-    from app.api import create_app
+    from app.api import create_app, uvicorn_options
     from app.settings import ServerSettings
 
     overrides = {k: v for k, v in dict(model=model, host=host, port=port, device=device).items() if v is not None}
     settings = ServerSettings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
 
 
 @contextmanager
@@ -103,7 +103,7 @@ def demo(
                f"{fp32 / result.bytes_sent:.1f}x more)")
 
 
-BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load")
+BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

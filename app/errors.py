@@ -12,7 +12,8 @@ from starlette.exceptions import HTTPException
 from client_sdk.errors import VeilError, WireFormatError
 from client_sdk.schemas import ErrorResponse
 
-KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+         409: "conflict",
          413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameter", 429: "rate_limited"}
 
 

@@ -21,6 +21,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(staging, path)
+        fsync_directory(path.parent)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
@@ -30,31 +31,77 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_bytes_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line to a log in a single O_APPEND write, fsynced (a crash loses at most that line)."""
+def append_line(path: Path, line: str, max_bytes: int | None = None) -> None:
+    """Append one line to a log in a single O_APPEND write, fsynced (a crash loses at most that line).
+
+    With `max_bytes`, a log that would grow past it is first renamed to `<name>.1` (replacing the older one), so
+    the log and its one predecessor take at most about 2 x `max_bytes` together.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = line.rstrip("\n").encode() + b"\n"
+    if max_bytes is not None and path.exists() and path.stat().st_size + len(data) > max_bytes:
+        os.replace(path, path.with_name(path.name + ".1"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, line.rstrip("\n").encode() + b"\n")
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file, a removal) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+VERSIONS = ".versions"
+"""Where the versions of atomically replaced directories live, beside them (`<parent>/.versions/<name>.<random>`)."""
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty staging directory; on success it replaces `target` (an old `target` is removed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    """Yield an empty staging directory; on success it becomes `target` in one atomic step.
+
+    `target` is a symlink to its current version under `<parent>/.versions`. The staged version's files and the
+    directory are fsynced, then a new symlink is renamed over `target` (a single rename: a reader or a crash sees
+    the old version or the new one), the parent is fsynced, and the old version is removed. A `target` that is
+    still a plain directory (written before versioning) is first moved aside, once.
+    """
+    versions = target.parent / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=versions, prefix=f"{target.name}."))
     try:
         yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        for file in staging.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_directory(staging)
+        fsync_directory(versions)
+        old = target.resolve() if target.is_symlink() else None
+        if target.is_dir() and not target.is_symlink():
+            old = Path(tempfile.mkdtemp(dir=versions, prefix=f"{target.name}.legacy-"))
+            os.replace(target, old / target.name)
+        link = target.parent / f".{staging.name}.link"
+        os.symlink(Path(VERSIONS) / staging.name, link)
+        os.replace(link, target)
+        fsync_directory(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_directory(target: Path) -> None:
+    """Remove a directory written by `atomic_directory` (the link first, atomically, then its version)."""
+    if target.is_symlink():
+        version = target.resolve()
+        target.unlink()
+        fsync_directory(target.parent)
+        shutil.rmtree(version, ignore_errors=True)
+    else:
+        shutil.rmtree(target)

@@ -1,8 +1,10 @@
-"""Client API keys (stored hashed, checked in constant time) and a per-key rate limit.
+"""Client API keys: stored hashed, checked in constant time, optionally bound to a tenant.
 
 A key looks like `veil_<id>_<secret>`: the id (8 hex digits) finds the record, whose SHA-256 of the whole key is
-compared with `hmac.compare_digest`. The key itself is shown once, when it is created, and never stored. Keys live
-in a JSON file that `veil keys create|list|revoke` edits atomically and the server rereads when it changes.
+compared with `hmac.compare_digest`. A key may carry a tenant: requests made with it are served that tenant's
+DP soft prompts (no other tenant's are). The key itself is shown once, when it is created, and never stored. Keys live
+in a JSON file that `veil keys create|list|revoke` edits atomically and every server process (replicas on one host
+share it) rereads when it changes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import typer
 from pydantic import BaseModel, Field
 
 from app.files import write_json_atomic
+from app.training.dp_soft_prompt import TENANT
 
 
 class KeyRecord(BaseModel):
@@ -27,6 +30,8 @@ class KeyRecord(BaseModel):
     sha256: str
     created: float = Field(default_factory=time.time)
     revoked: bool = False
+    tenant: str | None = Field(None, pattern=TENANT)
+    """Whose DP soft prompts requests with this key may be served (None: no tenant's)."""
 
 
 def _digest(key: str) -> str:
@@ -39,25 +44,29 @@ class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._cache: tuple[float, dict[str, KeyRecord]] | None = None
+        self._cache: tuple[tuple | None, dict[str, KeyRecord]] | None = None
 
     def records(self) -> dict[str, KeyRecord]:
-        """Every key record, reread only when the file changed."""
+        """Every key record, reread only when the file changed (it is replaced atomically, so a new inode)."""
         with self._lock:
-            mtime = self.path.stat().st_mtime if self.path.exists() else 0.0
-            if self._cache is None or self._cache[0] != mtime:
-                raw = json.loads(self.path.read_text()) if self.path.exists() else {}
-                self._cache = (mtime, {k: KeyRecord(**v) for k, v in raw.items()})
+            try:
+                stat = self.path.stat()
+                version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            except FileNotFoundError:
+                version = None
+            if self._cache is None or self._cache[0] != version:
+                raw = json.loads(self.path.read_text()) if version else {}
+                self._cache = (version, {k: KeyRecord(**v) for k, v in raw.items()})
             return self._cache[1]
 
-    def create(self, name: str) -> tuple[KeyRecord, str]:
-        """A new key: its record and the key itself (shown once, never stored)."""
+    def create(self, name: str, tenant: str | None = None) -> tuple[KeyRecord, str]:
+        """A new key (for `tenant`, if given): its record and the key itself (shown once, never stored)."""
         records = dict(self.records())
         key_id = secrets.token_hex(4)
         while key_id in records:
             key_id = secrets.token_hex(4)
         key = f"veil_{key_id}_{secrets.token_urlsafe(32)}"
-        records[key_id] = KeyRecord(id=key_id, name=name, sha256=_digest(key))
+        records[key_id] = KeyRecord(id=key_id, name=name, sha256=_digest(key), tenant=tenant)
         self._save(records)
         return records[key_id], key
 
@@ -81,33 +90,6 @@ class KeyStore:
         write_json_atomic(self.path, {k: r.model_dump() for k, r in records.items()})
 
 
-MAX_CALLERS = 100_000
-
-
-class RateLimiter:
-    """A token bucket per caller: `per_minute` requests a minute, in bursts of up to `per_minute`."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.rate, self.capacity = per_minute / 60.0, float(per_minute)
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, caller: str) -> float:
-        """0 if the caller may go now, else the seconds until they may (for Retry-After)."""
-        now = time.monotonic()
-        with self._lock:
-            if len(self._buckets) > MAX_CALLERS:  # forget callers whose bucket has refilled: they start full anyway
-                full = self.capacity / self.rate
-                self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < full}
-            tokens, last = self._buckets.get(caller, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - last) * self.rate)
-            if tokens >= 1:
-                self._buckets[caller] = (tokens - 1, now)
-                return 0.0
-            self._buckets[caller] = (tokens, now)
-            return (1 - tokens) / self.rate
-
-
 keys_cli = typer.Typer(help="Client API keys of this server (its cache directory).", no_args_is_help=True)
 
 
@@ -123,9 +105,13 @@ def _store() -> KeyStore:
 
 
 @keys_cli.command("create")
-def create_key(name: str = typer.Option(..., help="who the key is for")) -> None:
+def create_key(name: str = typer.Option(..., help="who the key is for"),
+               tenant: str | None = typer.Option(None, help="the tenant whose DP soft prompts the key may use")) -> None:
     """Create a key and print it (once: only its hash is kept)."""
-    record, key = _store().create(name)
+    try:
+        record, key = _store().create(name, tenant)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     typer.echo(f"{key}\n(id {record.id}, for {name!r}; set VEIL_REQUIRE_API_KEY=true for the server to require keys)")
 
 
@@ -134,7 +120,8 @@ def list_keys() -> None:
     """Every key's id, name, creation time and whether it is revoked (never the key)."""
     for record in _store().records().values():
         created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created))
-        typer.echo(f"{record.id}  {record.name}  created {created} UTC{'  REVOKED' if record.revoked else ''}")
+        tenant = f"  tenant {record.tenant}" if record.tenant else ""
+        typer.echo(f"{record.id}  {record.name}{tenant}  created {created} UTC{'  REVOKED' if record.revoked else ''}")
 
 
 @keys_cli.command("revoke")

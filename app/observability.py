@@ -7,6 +7,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from app.access import client_address
 from app.files import append_line
 from app.metrics import Metrics
 from app.settings import ServerSettings
@@ -27,13 +28,15 @@ def install_observability(app: FastAPI, settings: ServerSettings, metrics: Metri
         ACCESS_LOG.info(json.dumps({"method": request.method, "route": route, "status": response.status_code,
                                     "seconds": round(seconds, 4),
                                     "bytes_in": int(request.headers.get("content-length") or 0)}))
-        if (route.startswith("/admin") and request.method != "GET") or response.status_code in (401, 403):
+        if response.status_code != 429 and ((route.startswith("/admin") and request.method != "GET")
+                                            or response.status_code in (401, 403)):
             audit(settings, request, route, response.status_code)
         return response
 
 
 def audit(settings: ServerSettings, request: Request, route: str, status: int) -> None:
-    """Every admin change and every refused key, to `<cache>/audit.log` (JSON lines; never a body)."""
-    append_line(settings.cache_dir / "audit.log", json.dumps({
-        "time": time.time(), "client": request.client.host if request.client else None,
+    """Every admin change and every refused key, to `<cache>/audit.log` (JSON lines; never a body), rotated to
+    audit.log.1 past `audit_log_max_bytes`. Refusals past the failed-authentication limit (429) are not written."""
+    append_line(settings.cache_dir / "audit.log", max_bytes=settings.audit_log_max_bytes, line=json.dumps({
+        "time": time.time(), "client": client_address(request),
         "method": request.method, "route": route, "path_params": request.path_params, "status": status}))

@@ -105,15 +105,16 @@ class InferenceService:
     def max_payload_bytes(self) -> int:
         return wire.payload_size(self.settings.max_prompt_tokens, max(self.catalog.dims.values()), wire.MAX_BITS)
 
-    def prepare(self, body: bytes) -> PreparedInput:
-        """Decode and validate the payload, reconstruct embeddings and prepend the matching soft prompt."""
+    def prepare(self, body: bytes, tenant: str | None = None) -> PreparedInput:
+        """Decode and validate the payload, reconstruct embeddings and prepend the matching soft prompt (a tenant's
+        DP prompts only for that `tenant`)."""
         catalog = self.catalog
         start = time.perf_counter()
         payload = wire.decode(body, projections=catalog.dims, max_tokens=self.settings.max_prompt_tokens)
         decoded = time.perf_counter()
         embeddings = reconstruct_payload(payload, catalog.projections[payload.projection_id].projection)
         soft, exact = select_soft_prompt(catalog.soft_prompts, payload.projection_id, payload.params.bits,
-                                         payload.params.mu_clt)
+                                         payload.params.mu_clt, tenant=tenant)
         if soft is not None:
             embeddings = torch.cat([soft.embeddings, embeddings])
         done = time.perf_counter()

@@ -43,6 +43,25 @@ class ServerSettings(BaseSettings):
     """Whether /v1 routes need `Authorization: Bearer <client key>` (keys: `veil keys create`)."""
     rate_limit_per_minute: int = 600
     """Requests a minute per client key (per client address when keys are not required); over it: 429."""
+    rate_limit_storage: str = "memory://"
+    """Where rate-limit counters live (a `limits` storage URI): "memory://" per process, or a shared store such as
+    "redis://host:6379" so that replicas count together."""
+    auth_failures_per_minute: int = 10
+    """Failed authentications (client or admin key) a minute per client address; past it, 429 before any key is
+    checked or any audit line written."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses (or networks) of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are
+    believed; by default none, so the client address is the TCP peer's."""
+    body_timeout_s: float = 30.0
+    """The longest a request body may take to arrive, in all (a slow sender gets 408)."""
+    max_admin_json_bytes: int = 1024 * 1024
+    """Largest JSON body an admin route accepts (uploads have max_upload_bytes)."""
+    audit_log_max_bytes: int = 16 * 1024 * 1024
+    """audit.log is rotated to audit.log.1 (the one older file kept) when it would grow past this."""
+    docs: bool = False
+    """Serve /docs, /redoc and /openapi.json (they list every route, admin ones included)."""
+    uvicorn_access_log: bool = False
+    """Also print uvicorn's own access log (it includes query strings, which carry user text such as stop strings)."""
     tenant_training_epsilon: float = 10.0
     """Training epsilon a tenant's data may take in all (DP soft prompts) unless the admin API sets another."""
 

@@ -32,6 +32,7 @@ class SoftPrompt:
     bits: int
     mu: float
     embeddings: torch.Tensor  # m x b
+    tenant: str | None = None  # a DP prompt's tenant: served only to requests authenticated for it
 
     def info(self) -> SoftPromptInfo:
         return SoftPromptInfo(name=self.name, projection_id=self.projection_id, bits=self.bits, mu=self.mu,
@@ -59,7 +60,8 @@ def load_soft_prompt(directory: Path) -> SoftPrompt:
     manifest = read_manifest(directory)
     embeddings = load_file(str(directory / WEIGHTS))["prompt_embeddings"]
     return SoftPrompt(name=directory.name, projection_id=manifest["projection_id"], bits=int(manifest["bits"]),
-                      mu=float(manifest["mu"]), embeddings=embeddings.float())
+                      mu=float(manifest["mu"]), embeddings=embeddings.float(),
+                      tenant=manifest.get("dp", {}).get("tenant"))
 
 
 def load_soft_prompts(root: Path, model_id: str, hidden_size: int) -> list[SoftPrompt]:
@@ -68,9 +70,11 @@ def load_soft_prompts(root: Path, model_id: str, hidden_size: int) -> list[SoftP
     return [p for p in loaded if p.embeddings.shape[1] == hidden_size]
 
 
-def select_soft_prompt(prompts: list[SoftPrompt], projection_id: str, bits: int,
-                       mu: float) -> tuple[SoftPrompt | None, bool]:
-    """The prompt for this projection and n with the nearest mu (in log scale), and whether mu matched exactly."""
+def select_soft_prompt(prompts: list[SoftPrompt], projection_id: str, bits: int, mu: float,
+                       tenant: str | None = None) -> tuple[SoftPrompt | None, bool]:
+    """The prompt for this projection and n with the nearest mu (in log scale), and whether mu matched exactly;
+    a tenant's DP prompts are candidates only for that `tenant`."""
     candidates = [p for p in prompts if p.projection_id == projection_id and p.bits == bits]
+    candidates = [p for p in candidates if p.tenant in (None, tenant)]
     best = min(candidates, key=lambda p: abs(math.log(p.mu / mu)), default=None)
     return best, best is not None and abs(best.mu / mu - 1) <= MU_MATCH

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from starlette.exceptions import HTTPException
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from app.api import create_app
-from app.keys import KeyStore, RateLimiter, key_file
+from app.access import Throttle
+from app.keys import KeyStore, key_file
 from client_sdk import wire
 from app.cli import cli
 from client_sdk.mechanism import MechanismParams
@@ -25,15 +27,15 @@ def test_keys_are_stored_hashed_and_can_be_revoked(tmp_path) -> None:
     assert KeyStore(tmp_path / "keys.json").verify(key) is None  # persisted
 
 
-def test_the_rate_limit_refills_over_time(monkeypatch) -> None:
-    clock = [100.0]
-    monkeypatch.setattr("app.keys.time.monotonic", lambda: clock[0])
-    limiter = RateLimiter(per_minute=2)
-    assert limiter.acquire("a") == 0 and limiter.acquire("a") == 0
-    assert limiter.acquire("a") == pytest.approx(30.0)  # one request every 30 s
-    assert limiter.acquire("b") == 0  # per caller
-    clock[0] += 30.0
-    assert limiter.acquire("a") == 0
+def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings) -> None:
+    settings.rate_limit_per_minute = 2
+    throttle = Throttle(settings)
+    throttle.admit("a")
+    throttle.admit("a")
+    with pytest.raises(HTTPException) as refused:
+        throttle.admit("a")
+    assert refused.value.status_code == 429 and 55 <= int(refused.value.headers["Retry-After"]) <= 60
+    throttle.admit("b")  # per caller
 
 
 def payload(http: TestClient, headers: dict) -> bytes:

@@ -137,8 +137,9 @@ def test_wrong_content_type_and_unknown_routes(http) -> None:
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
 
 
-def test_openapi_documents_the_binary_body(http) -> None:
-    spec = http.get("/openapi.json").json()
+def test_openapi_documents_the_binary_body(settings, runner) -> None:
+    with TestClient(create_app(settings.model_copy(update={"docs": True}), runner=runner)) as http:
+        spec = http.get("/openapi.json").json()
     body = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
     assert body["application/octet-stream"]["schema"]["format"] == "binary"
 
@@ -199,7 +200,13 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(settings, client_c
             with http.stream("POST", "/v1/generate", params={"max_new_tokens": 400, "stream": "true"}, content=body,
                              headers={"content-type": "application/octet-stream"}) as response:
                 next(line for line in response.iter_lines() if line.startswith("data"))
-        time.sleep(1.5)  # 400 steps would take at least 4 s
-        assert len(steps) < 150
+        deadline = time.monotonic() + 3  # the whole generation (400 steps of at least 10 ms) takes 4 s or more
+        while True:  # steps must stop: wait for 0.3 s (about 30 steps' time) without one
+            before = len(steps)
+            time.sleep(0.3)
+            if len(steps) == before:
+                break
+            assert time.monotonic() < deadline, f"still generating after its client left ({len(steps)} steps)"
+        assert len(steps) < 400
         assert runner._lock.acquire(timeout=2)  # the slot is free for the next request
         runner._lock.release()

@@ -46,7 +46,7 @@ def generate_router(settings: ServerSettings, access: ClientAccess) -> APIRouter
         if stop and any(not s for s in stop):
             raise HTTPException(422, "stop strings must not be empty")
         body = await read_body(request, svc.max_payload_bytes)
-        prepared = await run_in_threadpool(svc.prepare, body)
+        prepared = await run_in_threadpool(svc.prepare, body, request.state.tenant)
         metrics.received(len(body), prepared.prompt_tokens, prepared.params)
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   stop=tuple(stop or ()))

@@ -42,8 +42,14 @@ def public_router(access: ClientAccess) -> APIRouter:
 
     @router.get("/v1/bundle", response_model=BundleInfo, responses=ERRORS, dependencies=client)
     async def bundle(request: Request) -> BundleInfo:
-        """Metadata for the client: model, vocab, projections, soft prompts, and where the files are."""
-        return service(request).bundle
+        """Metadata for the client: model, vocab, projections, soft prompts (a tenant's DP prompts only to that
+        tenant's keys), and where the files are."""
+        catalog = service(request).catalog
+        hidden = {p.name for p in catalog.soft_prompts if p.tenant not in (None, request.state.tenant)}
+        if not hidden:
+            return catalog.bundle
+        return catalog.bundle.model_copy(
+            update={"soft_prompts": [s for s in catalog.bundle.soft_prompts if s.name not in hidden]})
 
     @router.get("/v1/bundle/tokenizer.json", responses=ERRORS, dependencies=client)
     async def tokenizer(request: Request) -> Response:

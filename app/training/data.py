@@ -48,6 +48,8 @@ def parse_upload(data: bytes) -> str:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"JSONL line {number}: {err}") from None
+            except RecursionError:
+                raise DataError(f"JSONL line {number}: nested too deeply") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f'JSONL line {number}: expected an object with a string "text" field')
             pieces.append(record["text"])

@@ -13,10 +13,10 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, Field
 
-from app.artifacts import set_active
+from app.artifacts import delete_artifact, manifests, set_active
 from app.files import write_bytes_atomic
 from app.model_runner import ModelRunner
-from app.reconstruction import Projection
+from app.reconstruction import Projection, load_projection, publish
 from app.service import published_projections
 from app.settings import ServerSettings
 from app.training.config import load_text
@@ -57,6 +57,11 @@ def charge_tenant(settings: ServerSettings, config: DPSoftPromptConfig, job_id: 
     tenant_budgets(settings).charge(config.tenant, job_id, config.target_epsilon, config.delta or 1e-5)
 
 
+def current_projections(runner: ModelRunner, settings: ServerSettings) -> dict[str, Projection]:
+    """Every projection a soft prompt may be trained for: all trained ones for this model (served or not), and PCA."""
+    return {pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
+
+
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
                  projections: dict[str, Projection], *, activate: bool = False, checkpoint: Path | None = None,
                  cancel: threading.Event | None = None,
@@ -78,8 +83,13 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
     else:
         manifest = train_soft_prompt(runner, projections[config.projection_id], config, text,
                                      settings.soft_prompt_dir, checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+    directory = artifact_root(settings, manifest["kind"]) / config.name
+    if not isinstance(config, ProjectionConfig) and config.projection_id not in current_projections(runner, settings):
+        delete_artifact(directory)  # a soft prompt for a projection that is gone would never be served
+        raise ValueError(f"projection {config.projection_id!r} was deleted while the job ran; nothing was kept")
     if activate:
-        manifest = set_active(artifact_root(settings, manifest["kind"]) / config.name, True)
+        set_active(directory, True)
+        manifest = {**manifest, "active": True}
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return manifest
@@ -93,6 +103,9 @@ class JobState(str, Enum):
     cancelled = "cancelled"
     interrupted = "interrupted"
     """The server stopped while the job was queued or running; resume continues from its checkpoint."""
+
+
+UNFINISHED = (JobState.queued, JobState.running)
 
 
 class Job(BaseModel):
@@ -125,6 +138,7 @@ class JobManager:
         self.runner, self.settings, self.on_artifact = runner, settings, on_artifact
         self.root = settings.cache_dir / "jobs"
         self._lock = threading.Lock()
+        self._submitting = threading.Lock()  # a name check and the enqueue that reserves the name, together
         self._jobs: dict[str, Job] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -140,30 +154,58 @@ class JobManager:
 
     def projections(self) -> dict[str, Projection]:
         """Every projection a soft prompt may be trained for: all trained ones for this model, and PCA."""
-        return {pid: p.projection for pid, p in published_projections(self.runner, self.settings,
-                                                                       active_only=False).items()}
+        return current_projections(self.runner, self.settings)
+
+    def dependents(self, projection_dir: Path) -> list[str]:
+        """What uses the trained projection in `projection_dir`: active soft prompts and unfinished jobs."""
+        table = self.runner.input_embeddings.detach()
+        projection_id = publish(load_projection(projection_dir), table).id
+        prompts = [f"soft prompt {name!r}" for name, m in manifests(self.settings.soft_prompt_dir).items()
+                   if m.get("active") and m.get("projection_id") == projection_id]
+        with self._lock:
+            running = [f"job {job.id}" for job in self._jobs.values()
+                       if job.state in UNFINISHED and job.config.get("projection_id") == projection_id]
+        return prompts + running
 
     def alive(self) -> bool:
         """Whether the worker thread that runs jobs is running."""
         return self._worker.is_alive()
 
     def submit(self, config: JobConfig, activate: bool = False) -> Job:
-        """Queue a job; a DP job is charged to its tenant first (BudgetExceeded if it does not fit)."""
+        """Queue a job, reserving its artifact's name (JobConflict if an artifact or an unfinished job has it); a DP
+        job is charged to its tenant first (BudgetExceeded if it does not fit)."""
         job = Job(id=uuid.uuid4().hex[:16], kind=job_kind(config), config=config.model_dump(), activate=activate,
                   steps=config.steps)
-        if isinstance(config, DPSoftPromptConfig):
-            charge_tenant(self.settings, config, job.id)
-        self._enqueue(job)
+        with self._submitting:
+            if (artifact_root(self.settings, job.kind) / config.name).exists():
+                raise JobConflict(f"an artifact named {config.name!r} exists; delete it or pick another name")
+            self._check_name_free(job)
+            if isinstance(config, DPSoftPromptConfig):
+                charge_tenant(self.settings, config, job.id)
+            self._enqueue(job)
         return job
 
     def resume(self, job_id: str) -> Job:
         """Queue an interrupted, failed or cancelled job again; it continues from its last checkpoint."""
-        job = self.get(job_id)
-        if job.state not in (JobState.interrupted, JobState.failed, JobState.cancelled):
-            raise JobConflict(f"job {job_id} is {job.state.value}; only interrupted, failed or cancelled jobs resume")
-        job.state, job.error, job.finished = JobState.queued, None, None
-        self._enqueue(job)
+        with self._submitting:
+            job = self.get(job_id)
+            if job.state not in (JobState.interrupted, JobState.failed, JobState.cancelled):
+                raise JobConflict(f"job {job_id} is {job.state.value}; only interrupted, failed or cancelled jobs "
+                                  "resume")
+            self._check_name_free(job)
+            job.state, job.error, job.finished = JobState.queued, None, None
+            self._enqueue(job)
         return job
+
+    def _check_name_free(self, job: Job) -> None:
+        """JobConflict if another unfinished job will write an artifact of the same name and kind of folder."""
+        root = artifact_root(self.settings, job.kind)
+        with self._lock:
+            taken = [other.id for other in self._jobs.values() if other.id != job.id and other.state in UNFINISHED
+                     and artifact_root(self.settings, other.kind) == root
+                     and other.config["name"] == job.config["name"]]
+        if taken:
+            raise JobConflict(f"job {taken[0]} is already training an artifact named {job.config['name']!r}")
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -236,7 +278,7 @@ class JobManager:
         checkpoint = self.root / job.id / "checkpoint.pt"
         manifest = run_training(self.runner, self.settings, job.parsed_config(), self.projections(), activate=job.activate,
                                 checkpoint=checkpoint, cancel=self._cancel[job.id], on_step=on_step)
-        job.losses = manifest["loss_curve"]
+        job.step, job.losses = manifest["steps"], manifest["loss_curve"]  # also when a resumed run had no steps left
         job.held_out = {k: v for k, v in manifest.items() if k.startswith("held_out_loss")}
         self.on_artifact()  # served before the job reports success
 
