@@ -34,8 +34,8 @@ class Batcher:
 
     def submit(self, request: EngineRequest) -> Future[Completion]:
         """Queue a request; its future gets the Completion. Raises Overloaded when `max_queue` already wait."""
-        with self._lock:
-            waiting = len(self._answers)
+        with self._lock:  # requests cancelled while they wait hold no place (the worker drops them unrun)
+            waiting = sum(not r.cancelled.is_set() for r in self._answers)
             if waiting >= self.max_queue:
                 batches_ahead = waiting / self.max_batch + 1
                 raise Overloaded(f"{waiting} requests are waiting, the most this server queues",

@@ -79,13 +79,18 @@ def test_a_full_queue_refuses_with_overloaded_and_takes_requests_again_once_drai
     batcher, release, ran = blocked_batcher(max_queue=2)
     running = batcher.submit(request(prompts(1)[0]))
     time.sleep(0.2)  # the worker took it: it runs, it does not wait
-    waiting = [batcher.submit(request(prompts(1)[0])) for _ in range(2)]
+    waiting = [request(prompts(1)[0]) for _ in range(2)]
+    answers = [batcher.submit(r) for r in waiting]
     with pytest.raises(Overloaded) as refused:
         batcher.submit(request(prompts(1)[0]))
     assert refused.value.retry_after > 0
+    waiting[1].cancelled.set()  # its client went away: its place is free at once
+    answers.append(batcher.submit(request(prompts(1)[0])))
     release.set()
-    assert all(f.result(timeout=10).text == "ok" for f in [running, *waiting])
+    assert [a.result(timeout=10).finish_reason for a in [running, *answers]] == \
+        ["length", "length", "cancelled", "length"]
     assert batcher.submit(request(prompts(1)[0])).result(timeout=10).text == "ok"  # recovered at once
+    assert ran == [1, 1, 1, 1]  # the cancelled one never ran
     batcher.close()
 
 
