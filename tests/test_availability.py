@@ -98,13 +98,14 @@ def test_batched_streams_whose_clients_go_away_all_stop(long_settings, client_ca
 def test_a_cancelled_row_leaves_its_batch_at_once() -> None:
     sizes: list[int] = []
     runner = slow_runner(sizes, delay=0)
-    embeds = [tiny_runner().input_embeddings[[5, 6, 7]].detach()] * 2
+    embeds = [runner.input_embeddings[[5, 6, 7]].detach(), runner.input_embeddings[[8, 9]].detach()]
     gone = EngineRequest(None, embeds[0], GenerationParams(max_new_tokens=20))
     gone.on_text = lambda piece: gone.cancelled.set()  # its client leaves after the first piece
     stays = EngineRequest(None, embeds[1], GenerationParams(max_new_tokens=20))
     answers = runner.decode([gone, stays])
     assert answers[0].finish_reason == "cancelled" and answers[1].new_tokens == 20
     assert sizes == [2, 2] + [1] * 18  # from the token after the cancel, one row only
+    assert answers[1] == runner.decode([EngineRequest(None, embeds[1], GenerationParams(max_new_tokens=20))])[0]
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_recovers_at_once(settings, client_cache) -> None:
