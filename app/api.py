@@ -40,7 +40,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
         app.state.jobs = JobManager(loaded, settings, on_artifact=app.state.service.reload)
         yield
         await run_in_threadpool(app.state.jobs.close)
-        await run_in_threadpool(app.state.service.batcher.close)
+        await run_in_threadpool(app.state.service.backend.close)
 
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="veil", version="0.1.0", lifespan=lifespan, **docs,

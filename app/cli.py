@@ -28,6 +28,7 @@ def serve(
     host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="port (default 8000)"),
     device: str | None = typer.Option(None, help="torch device, e.g. cpu or cuda"),
+    backend: str | None = typer.Option(None, help="what generates: transformers (default) or vllm (GPU)"),
 ) -> None:
     """Run the server (needs `pip install .[server]`); settings also come from VEIL_* variables."""
     import uvicorn
@@ -35,7 +36,8 @@ def serve(
     from app.api import create_app, uvicorn_options
     from app.settings import ServerSettings
 
-    overrides = {k: v for k, v in dict(model=model, host=host, port=port, device=device).items() if v is not None}
+    overrides = {k: v for k, v in dict(model=model, host=host, port=port, device=device, backend=backend).items()
+                 if v is not None}
     settings = ServerSettings(**overrides)
     uvicorn.run(create_app(settings), **uvicorn_options(settings))
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Generator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from app.engine.prefix_cache import PrefixKV
+from app.engine.request import Completion, EngineRequest, FinishReason, GenerationParams
+from app.engine.sampling import next_tokens
+from app.engine.text import TextStream
 from app.files import atomic_directory
 from app.settings import DEFAULT_MODEL
 
@@ -55,25 +57,9 @@ def resolve_model(spec: str, cache_dir: Path) -> str:
     return spec
 
 
-@dataclass
-class GenerationParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys can share one generate() call; None: this one runs alone (seeded sampling
-        must reproduce what it would alone, which a batch cannot promise)."""
-        if self.temperature > 0 and self.seed is not None:
-            return None
-        return (self.temperature, self.top_p, self.stop)
-
-
 class ModelRunner:
-    """One causal LM, its tokenizer, and generation from embeddings (one generate() call at a time, which may
-    carry a batch of requests)."""
+    """One causal LM, its tokenizer, and generation from embeddings (one `decode` at a time, which may carry a
+    batch of requests)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str) -> None:
         self.model = model.eval()
@@ -93,108 +79,94 @@ class ModelRunner:
         """The model's token embedding table E (vocab x b)."""
         return self.model.get_input_embeddings().weight
 
-    def _generate_kwargs(self, embeds: list[torch.Tensor], params: GenerationParams) -> dict:
-        """generate() arguments for prompts of (positions x b) embeddings, left-padded to one length."""
-        length = max(e.shape[0] for e in embeds)
-        batch = torch.zeros(len(embeds), length, embeds[0].shape[1], dtype=self.model.dtype, device=embeds[0].device)
-        mask = torch.zeros(len(embeds), length, dtype=torch.long, device=embeds[0].device)
+    def decode(self, requests: list[EngineRequest], prefix: PrefixKV | None = None) -> list[Completion]:
+        """Generate for a batch of requests whose params share a batch key, after the soft prompt's cached keys and
+        values `prefix` (the requests' common soft prompt, or None). Returns one Completion each.
+
+        Our own decoding loop rather than `generate()`, for what it cannot do: the prompts are left-padded *after*
+        the cached soft prompt (its keys are the same for every row), so the attention mask has a hole and the
+        position ids skip it; a row that finishes, is cancelled or runs past its deadline leaves the batch at once
+        and costs no more work; stop strings are matched on the decoded tail (`TextStream`), not with
+        transformers' stop-string tables (which cost time and memory in the stop strings' length).
+        """
+        params = requests[0].params
+        streams = [TextStream(self.tokenizer, r.params.stop) for r in requests]
+        finished: dict[int, FinishReason] = {}
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        device, eos = self.model.device, self._eos_ids
+        with self._lock, torch.inference_mode():
+            embeds, mask, positions = self._prefill_inputs([r.embeds for r in requests], prefix)
+            cache = prefix.expand(len(requests)) if prefix else None
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, logits = logits.past_key_values, logits.logits[:, -1]
+            live = list(range(len(requests)))  # the requests still in the batch, in batch order
+            position = positions[:, -1]
+            while True:
+                tokens = next_tokens(logits, params, generator).tolist()
+                for i, token in zip(live, tokens):
+                    request, stream = requests[i], streams[i]
+                    reason = finish_reason(request, stream, token, eos)
+                    if reason:
+                        finished[i] = reason
+                    self._send(request, stream, finished=bool(reason))
+                keep = [j for j, i in enumerate(live) if i not in finished]
+                if not keep:
+                    break
+                if len(keep) < len(live):  # drop finished rows from the batch: no more work for them
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask, position = mask[index], position[index]
+                    tokens = [tokens[j] for j in keep]
+                    live = [live[j] for j in keep]
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                position = position + 1
+                logits = self.model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
+                                    position_ids=position[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        return [Completion(s.final_text, tuple(s.ids), finished[i]) for i, s in enumerate(streams)]
+
+    def _prefill_inputs(self, embeds: list[torch.Tensor],
+                        prefix: PrefixKV | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts left-padded to one length (B x L x b), the attention mask over the cached soft prompt and
+        them (B x (m + L)), and their position ids (B x L, counting from m and skipping the padding)."""
+        length, m = max(e.shape[0] for e in embeds), prefix.length if prefix else 0
+        device = self.model.device
+        batch = torch.zeros(len(embeds), length, embeds[0].shape[1], dtype=self.model.dtype, device=device)
+        mask = torch.zeros(len(embeds), m + length, dtype=torch.long, device=device)
+        mask[:, :m] = 1
         for i, e in enumerate(embeds):
-            batch[i, length - e.shape[0] :] = e
-            mask[i, length - e.shape[0] :] = 1
-        kwargs: dict = dict(inputs_embeds=batch, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-                            pad_token_id=self._pad_id)
-        if params.temperature > 0:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        return kwargs
+            batch[i, length - e.shape[0]:] = e.to(device, self.model.dtype)
+            mask[i, m + length - e.shape[0]:] = 1
+        positions = (m + mask[:, m:].cumsum(dim=1) - 1).clamp(min=0)
+        return batch, mask, positions
+
+    @staticmethod
+    def _send(request: EngineRequest, stream: TextStream, finished: bool) -> None:
+        """Hand the request's listener the text that is safe to send; a listener that fails cancels its request."""
+        if request.on_text is None or request.cancelled.is_set():
+            return
+        piece = stream.take(finished)
+        if piece:
+            try:
+                request.on_text(piece)
+            except Exception:  # the consumer is gone: one request must never fail the batch
+                request.cancelled.set()
 
     @property
-    def _pad_id(self) -> int:
-        return self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
-
-    def _seed(self, params: GenerationParams) -> None:
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-
-    def generate(self, embeds: torch.Tensor, params: GenerationParams) -> tuple[str, int]:
-        """Generate from a (positions x b) embedding sequence; returns (text, new token count)."""
-        return self.generate_batch([embeds], [params])[0]
-
-    def generate_batch(self, embeds: list[torch.Tensor], params: list[GenerationParams]) -> list[tuple[str, int]]:
-        """Generate for several prompts at once (left padding, attention masks); returns (text, new tokens) each.
-
-        The params must agree in everything but max_new_tokens (see `batch_key`); each answer is cut to its own.
-        """
-        longest = max(params, key=lambda p: p.max_new_tokens)
-        with self._lock, torch.inference_mode():
-            self._seed(longest)
-            out = self.model.generate(**self._generate_kwargs(embeds, longest))
-        answers = []
-        for tokens, p in zip(out, params):
-            tokens = tokens[: p.max_new_tokens]
-            ends = ((tokens == self.tokenizer.eos_token_id) | (tokens == self._pad_id)).nonzero()
-            count = int(ends[0, 0]) + 1 if len(ends) else len(tokens)
-            text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
-            answers.append((truncate_at_stop(text, p.stop), count))
-        return answers
-
-    def stream(self, embeds: torch.Tensor, params: GenerationParams,
-               cancelled: threading.Event | None = None) -> Generator[str, None, int]:
-        """Yield text pieces as tokens arrive (stop strings trimmed); returns the new token count.
-
-        Generation stops at the next token once `cancelled` is set (from any thread) or the generator is closed.
-        """
-        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True, timeout=600)
-        outcome: list = []
-        cancelled = cancelled or threading.Event()
-
-        def work() -> None:
-            try:
-                with self._lock, torch.inference_mode():
-                    self._seed(params)
-                    out = self.model.generate(**self._generate_kwargs([embeds], params), streamer=streamer,
-                                              stopping_criteria=StoppingCriteriaList([StopWhenSet(cancelled)]))
-                outcome.append(int(out.shape[1]))
-            except Exception as err:  # re-raised in the consumer below
-                outcome.append(err)
-                streamer.end()
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        emitted = ""
-        try:
-            for piece in streamer:
-                before = len(emitted)
-                emitted += piece
-                cut = truncate_at_stop(emitted, params.stop)
-                if cut != emitted:
-                    if len(cut) > before:
-                        yield cut[before:]
-                    break
-                yield piece
-        finally:  # also when the consumer goes away: stop generating, free the model
-            cancelled.set()
-            if threading.current_thread() is not worker:  # a generator may be finalised on any thread
-                worker.join()
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
-class StopWhenSet(StoppingCriteria):
-    """Stops generation at the next token once `event` is set."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """Cut `text` at the first occurrence of any stop string."""
-    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
+def finish_reason(request: EngineRequest, stream: TextStream, token: int, eos: set[int]) -> FinishReason | None:
+    """Why this request ends with this new token, if it does (the token is kept unless the request is gone)."""
+    if request.cancelled.is_set():
+        return "cancelled"
+    if request.deadline is not None and time.monotonic() > request.deadline:
+        return "deadline"
+    if token in eos:
+        stream.ids.append(token)  # counted, never shown
+        return "stop"
+    if stream.push(token):
+        return "stop"
+    return "length" if len(stream.ids) >= request.params.max_new_tokens else None

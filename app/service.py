@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generator
+from typing import AsyncIterator, Callable
 
 import torch
 
-from app.batching import Batcher
-from app.model_runner import GenerationParams, ModelRunner
+from app.engine.load import load_backend
+from app.engine.request import Completion, EngineRequest, GenerationParams, SoftPromptPrefix
+from app.model_runner import ModelRunner
 from app.reconstruction import PublishedProjection, load_projections, pca_projection, publish, reconstruct_payload
 from app.settings import ServerSettings
 from app.soft_prompts import SoftPrompt, load_soft_prompts, select_soft_prompt
@@ -24,7 +27,7 @@ from client_sdk.schemas import BundleInfo, GenerateResponse, MechanismDefaults, 
 class PreparedInput:
     """A reconstructed prompt ready for the model, and how it was made."""
 
-    embeddings: torch.Tensor  # (m + T) x b
+    embeddings: torch.Tensor  # T x b (the soft prompt goes before them in the backend)
     prompt_tokens: int
     params: MechanismParams
     soft_prompt: SoftPrompt | None
@@ -60,7 +63,7 @@ class InferenceService:
 
     def __init__(self, runner: ModelRunner, settings: ServerSettings):
         self.runner, self.settings = runner, settings
-        self.batcher = Batcher(runner, settings.max_batch_size, settings.batch_window_ms / 1000)
+        self.backend = load_backend(runner, settings)
         tokenizer = runner.tokenizer
         self.tokenizer_bytes = tokenizer.backend_tokenizer.to_str().encode()
         self.catalog = self._load_catalog()
@@ -115,44 +118,64 @@ class InferenceService:
         embeddings = reconstruct_payload(payload, catalog.projections[payload.projection_id].projection)
         soft, exact = select_soft_prompt(catalog.soft_prompts, payload.projection_id, payload.params.bits,
                                          payload.params.mu_clt, tenant=tenant)
-        if soft is not None:
-            embeddings = torch.cat([soft.embeddings, embeddings])
         done = time.perf_counter()
         return PreparedInput(embeddings, payload.tokens, payload.params, soft, exact,
                              {"decode": decoded - start, "reconstruct": done - decoded})
 
+    def submit(self, prepared: PreparedInput, params: GenerationParams, cancelled: threading.Event | None = None,
+               on_text: Callable[[str], None] | None = None) -> Future[Completion]:
+        """Hand the prepared prompt and its soft prompt to the backend (raises Overloaded when it is full); the
+        generation stops at the next token once `cancelled` is set, and fails past the server's deadline."""
+        soft = prepared.soft_prompt
+        return self.backend.submit(EngineRequest(
+            prefix=SoftPromptPrefix(soft.name, soft.embeddings) if soft else None, embeds=prepared.embeddings,
+            params=params, cancelled=cancelled or threading.Event(), on_text=on_text,
+            deadline=time.monotonic() + self.settings.generation_deadline_s))
+
     def generate(self, prepared: PreparedInput, params: GenerationParams) -> GenerateResponse:
+        """Generate and wait for the answer (blocking; `generate_async` is the twin for the event loop)."""
         start = time.perf_counter()
-        text, new_tokens = self.batcher.generate(prepared.embeddings, params)
-        timings = {**prepared.timings, "generate": time.perf_counter() - start}
-        return self._response(prepared, text, new_tokens, timings)
+        completion = self.submit(prepared, params).result()
+        return self._response(prepared, completion, start)
+
+    async def generate_async(self, prepared: PreparedInput, params: GenerationParams,
+                             cancelled: threading.Event) -> GenerateResponse:
+        start = time.perf_counter()
+        completion = await asyncio.wrap_future(self.submit(prepared, params, cancelled))
+        return self._response(prepared, completion, start)
 
     def stream(self, prepared: PreparedInput, params: GenerationParams,
-               cancelled: threading.Event | None = None) -> Generator[str, None, GenerateResponse]:
-        """Yield text pieces; returns the final response (with the whole text) when generation ends.
+               cancelled: threading.Event) -> AsyncIterator[str | GenerateResponse]:
+        """Queue the generation now (raises Overloaded when full) and return an iterator over its text pieces, as
+        they come, and then the final response (with the whole text). Call it on the event loop.
 
-        Setting `cancelled` (from any thread) stops generation at the next token."""
+        Closing the iterator early (the client went away) sets `cancelled`: generation stops at the next token."""
         start = time.perf_counter()
-        pieces = []
-        generator = self.runner.stream(prepared.embeddings, params, cancelled)
-        try:
-            while True:
-                try:
-                    piece = next(generator)
-                except StopIteration as end:
-                    new_tokens = end.value
-                    break
-                pieces.append(piece)
-                yield piece
-        finally:
-            generator.close()  # a consumer that stops early stops the generation too
-        timings = {**prepared.timings, "generate": time.perf_counter() - start}
-        return self._response(prepared, "".join(pieces), new_tokens, timings)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def deliver(piece: str | None) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        answer = self.submit(prepared, params, cancelled, on_text=deliver)
+        answer.add_done_callback(lambda _: deliver(None))
+
+        async def until_done() -> AsyncIterator[str | GenerateResponse]:
+            try:
+                while (piece := await pieces.get()) is not None:
+                    yield piece
+                yield self._response(prepared, answer.result(), start)
+            finally:
+                cancelled.set()
+
+        return until_done()
 
     @staticmethod
-    def _response(prepared: PreparedInput, text: str, new_tokens: int, timings: dict[str, float]) -> GenerateResponse:
+    def _response(prepared: PreparedInput, completion: Completion, start: float) -> GenerateResponse:
         soft = prepared.soft_prompt
-        return GenerateResponse(text=text, prompt_tokens=prepared.prompt_tokens, completion_tokens=new_tokens,
+        timings = {**prepared.timings, "generate": time.perf_counter() - start}
+        return GenerateResponse(text=completion.text, prompt_tokens=prepared.prompt_tokens,
+                                completion_tokens=completion.new_tokens,
                                 soft_prompt=soft.name if soft else None,
                                 soft_prompt_mu=soft.mu if soft else None,
                                 soft_prompt_exact=prepared.soft_prompt_exact, timings=timings)

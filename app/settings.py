@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,12 @@ class ServerSettings(BaseSettings):
     """Generate requests that arrive while the model is busy run together, up to this many at once."""
     batch_window_ms: float = 5.0
     """How long the batcher waits for more requests after the first one."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """What generates: the model in this process (transformers) or vLLM's in-process engine (vllm, GPU)."""
+    max_queue: int = 64
+    """Generate requests that may wait for the model (beyond the running batch); more get 503 with Retry-After."""
+    generation_deadline_s: float = 120.0
+    """A generate request still unanswered this long after it was queued is stopped: 503 deadline_exceeded."""
     require_api_key: bool = False
     """Whether /v1 routes need `Authorization: Bearer <client key>` (keys: `veil keys create`)."""
     rate_limit_per_minute: int = 600

@@ -1,14 +1,17 @@
-"""Dynamic batching on the tiny model: batched answers equal one-at-a-time answers, and concurrent requests share
-generate() calls."""
+"""Dynamic batching on the tiny model: batched answers equal one-at-a-time answers, concurrent requests share
+batches, the queue is bounded, and requests abandoned while they wait never run."""
 
 from __future__ import annotations
 
 import threading
+import time
 
+import pytest
 import torch
 
 from app.batching import Batcher
-from app.model_runner import GenerationParams
+from app.engine.request import Completion, EngineRequest, GenerationParams
+from app.errors import DeadlineExceeded, Overloaded
 from tests.conftest import tiny_runner
 
 
@@ -17,30 +20,32 @@ def prompts(count: int) -> list[torch.Tensor]:
     return [torch.randn(3 + 2 * i, 32, generator=generator) for i in range(count)]  # all different lengths
 
 
+def request(embeds: torch.Tensor, **params) -> EngineRequest:
+    return EngineRequest(prefix=None, embeds=embeds, params=GenerationParams(**params))
+
+
 def test_a_left_padded_batch_answers_as_each_prompt_alone() -> None:
     runner = tiny_runner()
-    params = [GenerationParams(max_new_tokens=4 + i) for i in range(5)]
-    alone = [runner.generate(e, p) for e, p in zip(prompts(5), params)]
-    assert runner.generate_batch(prompts(5), params) == alone
-    assert [count for _, count in alone] == [4, 5, 6, 7, 8]
+    requests = [request(e, max_new_tokens=4 + i) for i, e in enumerate(prompts(5))]
+    alone = [runner.decode([r])[0] for r in requests]
+    assert runner.decode(requests) == alone
+    assert [c.new_tokens for c in alone] == [4, 5, 6, 7, 8]
 
 
-def test_concurrent_requests_share_generate_calls_and_seeded_sampling_runs_alone() -> None:
+def test_concurrent_requests_share_batches_and_seeded_sampling_runs_alone() -> None:
     runner = tiny_runner()
     calls: list[int] = []
-    original = runner.generate_batch
 
-    def counting(embeds, params):
-        calls.append(len(embeds))
-        return original(embeds, params)
+    def counting(batch: list[EngineRequest]) -> list[Completion]:
+        calls.append(len(batch))
+        return runner.decode(batch)
 
-    expected = [runner.generate(e, GenerationParams(max_new_tokens=6)) for e in prompts(8)]
-    runner.generate_batch = counting
-    batcher = Batcher(runner, max_batch=8, window=0.2)
-    answers: dict[int, tuple] = {}
+    expected = [runner.decode([request(e, max_new_tokens=6)])[0] for e in prompts(8)]
+    batcher = Batcher(counting, max_batch=8, window=0.2, max_queue=64)
+    answers: dict[int, Completion] = {}
 
     def ask(i: int, embeds: torch.Tensor) -> None:
-        answers[i] = batcher.generate(embeds, GenerationParams(max_new_tokens=6))
+        answers[i] = batcher.submit(request(embeds, max_new_tokens=6)).result()
 
     threads = [threading.Thread(target=ask, args=(i, e)) for i, e in enumerate(prompts(8))]
     for thread in threads:
@@ -51,23 +56,57 @@ def test_concurrent_requests_share_generate_calls_and_seeded_sampling_runs_alone
     assert sum(calls) == 8 and len(calls) < 8 and max(calls) > 1
 
     calls.clear()
-    seeded = GenerationParams(max_new_tokens=3, temperature=1.0, seed=7)
-    threads = [threading.Thread(target=batcher.generate, args=(e, seeded)) for e in prompts(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    futures = [batcher.submit(request(e, max_new_tokens=3, temperature=1.0, seed=7)) for e in prompts(3)]
+    for future in futures:
+        future.result()
     assert calls == [1, 1, 1]
     batcher.close()
 
 
-def test_a_stream_whose_reader_goes_away_stops_generating_and_frees_the_model() -> None:
-    runner = tiny_runner()
-    forward, steps = runner.model.forward, []
-    runner.model.forward = lambda *args, **kwargs: steps.append(1) or forward(*args, **kwargs)
-    stream = runner.stream(prompts(1)[0], GenerationParams(max_new_tokens=200))
-    next(stream)
-    stream.close()  # what a disconnected client's response does
-    assert len(steps) < 50  # stopped at the next token, not after 200
-    assert runner._lock.acquire(timeout=1)  # the model is free again
-    runner._lock.release()
+def blocked_batcher(max_queue: int) -> tuple[Batcher, threading.Event, list[int]]:
+    """A batcher whose first batch runs until `release` is set; `ran` lists the sizes of the batches it ran."""
+    release, ran = threading.Event(), []
+
+    def run(batch: list[EngineRequest]) -> list[Completion]:
+        release.wait(timeout=30)
+        ran.append(len(batch))
+        return [Completion("ok", (5,), "length") for _ in batch]
+
+    return Batcher(run, max_batch=1, window=0, max_queue=max_queue), release, ran
+
+
+def test_a_full_queue_refuses_with_overloaded_and_takes_requests_again_once_drained() -> None:
+    batcher, release, ran = blocked_batcher(max_queue=2)
+    running = batcher.submit(request(prompts(1)[0]))
+    time.sleep(0.2)  # the worker took it: it runs, it does not wait
+    waiting = [request(prompts(1)[0]) for _ in range(2)]
+    answers = [batcher.submit(r) for r in waiting]
+    with pytest.raises(Overloaded) as refused:
+        batcher.submit(request(prompts(1)[0]))
+    assert refused.value.retry_after > 0
+    waiting[1].cancelled.set()  # its client went away: its place is free at once
+    answers.append(batcher.submit(request(prompts(1)[0])))
+    release.set()
+    assert [a.result(timeout=10).finish_reason for a in [running, *answers]] == \
+        ["length", "length", "cancelled", "length"]
+    assert batcher.submit(request(prompts(1)[0])).result(timeout=10).text == "ok"  # recovered at once
+    assert ran == [1, 1, 1, 1]  # the cancelled one never ran
+    batcher.close()
+
+
+def test_requests_cancelled_or_past_their_deadline_while_waiting_never_run() -> None:
+    batcher, release, ran = blocked_batcher(max_queue=8)
+    batcher.submit(request(prompts(1)[0]))
+    time.sleep(0.2)
+    gone, late, kept = (request(prompts(1)[0]) for _ in range(3))
+    late.deadline = time.monotonic() + 0.1
+    answers = [batcher.submit(r) for r in (gone, late, kept)]
+    gone.cancelled.set()
+    time.sleep(0.2)
+    release.set()
+    assert answers[0].result(timeout=10).finish_reason == "cancelled"
+    with pytest.raises(DeadlineExceeded):
+        answers[1].result(timeout=10)
+    assert answers[2].result(timeout=10).text == "ok"
+    assert ran == [1, 1]  # the first and `kept`: the other two cost nothing
+    batcher.close()

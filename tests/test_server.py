@@ -87,7 +87,8 @@ def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, c
         assert PrivateLLMClient(server.url, cache_dir=client_cache, mu=2.0).generate("hello", max_new_tokens=2).soft_prompt_exact
         service = app.state.service
         prepared = service.prepare(client.prepare("hello").payload)
-    assert prepared.embeddings.shape[0] == 3 + prepared.prompt_tokens
+    # the backend puts the soft prompt before the prompt (its keys and values are cached): tests/test_backends.py
+    assert prepared.embeddings.shape[0] == prepared.prompt_tokens and prepared.soft_prompt.embeddings.shape[0] == 3
     prompts = service.catalog.soft_prompts
     assert select_soft_prompt(prompts, pid, 4, 3.0)[0].name == "strict"
     assert select_soft_prompt(prompts, pid, 2, 3.0) == (None, False)
@@ -145,7 +146,7 @@ def test_openapi_documents_the_binary_body(settings, runner) -> None:
 
 
 def test_stop_strings_cut_the_answer(runner) -> None:
-    from app.model_runner import truncate_at_stop
+    from app.engine.text import truncate_at_stop
 
     assert truncate_at_stop("paris is a city", ("a c", "zzz")) == "paris is "
     assert truncate_at_stop("paris", ()) == "paris"
