@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import typer
+from filelock import FileLock
 from pydantic import BaseModel, Field
 
 from app.files import write_json_atomic
@@ -61,22 +62,29 @@ class KeyStore:
 
     def create(self, name: str, tenant: str | None = None) -> tuple[KeyRecord, str]:
         """A new key (for `tenant`, if given): its record and the key itself (shown once, never stored)."""
-        records = dict(self.records())
-        key_id = secrets.token_hex(4)
-        while key_id in records:
+        with self._editing():
+            records = dict(self.records())
             key_id = secrets.token_hex(4)
-        key = f"veil_{key_id}_{secrets.token_urlsafe(32)}"
-        records[key_id] = KeyRecord(id=key_id, name=name, sha256=_digest(key), tenant=tenant)
-        self._save(records)
+            while key_id in records:
+                key_id = secrets.token_hex(4)
+            key = f"veil_{key_id}_{secrets.token_urlsafe(32)}"
+            records[key_id] = KeyRecord(id=key_id, name=name, sha256=_digest(key), tenant=tenant)
+            self._save(records)
         return records[key_id], key
 
     def revoke(self, key_id: str) -> KeyRecord:
-        records = dict(self.records())
-        if key_id not in records:
-            raise KeyError(key_id)
-        records[key_id] = records[key_id].model_copy(update={"revoked": True})
-        self._save(records)
+        with self._editing():
+            records = dict(self.records())
+            if key_id not in records:
+                raise KeyError(key_id)
+            records[key_id] = records[key_id].model_copy(update={"revoked": True})
+            self._save(records)
         return records[key_id]
+
+    def _editing(self) -> FileLock:
+        """Held while a change is read, made and written: two processes editing at once must not lose one edit."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.path.with_suffix(".lock"))
 
     def verify(self, key: str) -> KeyRecord | None:
         """The record of a valid, unrevoked key, else None."""

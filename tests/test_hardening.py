@@ -170,6 +170,16 @@ def test_failed_authentication_is_throttled_per_address_and_not_audited_past_the
     assert len(audit) == 5
 
 
+def test_rate_limits_use_the_configured_storage(settings) -> None:
+    from limits.errors import ConfigurationError
+
+    from app.access import Throttle
+
+    assert type(Throttle(settings).limiter.storage).__name__ == "MemoryStorage"
+    with pytest.raises(ConfigurationError):  # the URI is honoured, not ignored (redis:// needs a Redis client)
+        Throttle(settings.model_copy(update={"rate_limit_storage": "nosuch://host"}))
+
+
 def test_the_audit_log_is_rotated_at_its_size_cap(tmp_path) -> None:
     log = tmp_path / "audit.log"
     for i in range(100):

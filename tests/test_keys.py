@@ -38,6 +38,23 @@ def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings) -> None:
     throttle.admit("b")  # per caller
 
 
+def test_concurrent_key_edits_from_two_processes_lose_nothing(tmp_path) -> None:
+    import threading
+
+    stores = [KeyStore(tmp_path / "keys.json") for _ in range(2)]  # two processes' stores of one file
+
+    def create(store: KeyStore) -> None:
+        for i in range(20):
+            store.create(f"app-{i}")
+
+    threads = [threading.Thread(target=create, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(KeyStore(tmp_path / "keys.json").records()) == 40
+
+
 def payload(http: TestClient, headers: dict) -> bytes:
     info = http.get("/v1/bundle", headers=headers).json()
     params = MechanismParams.from_mu(10.0, bits=4, dim=8, clip=2.0)
@@ -76,3 +93,7 @@ def test_veil_keys_creates_lists_and_revokes(tmp_path, monkeypatch) -> None:
     assert "REVOKED" in CliRunner().invoke(cli, ["keys", "list"]).output
     assert CliRunner().invoke(cli, ["keys", "revoke", "ffffffff"]).exit_code != 0
     assert KeyStore(tmp_path / "api-keys.json").verify(key) is None
+    tenant_key = CliRunner().invoke(cli, ["keys", "create", "--name", "acme-app", "--tenant", "acme"]).output.split()[0]
+    assert KeyStore(tmp_path / "api-keys.json").verify(tenant_key).tenant == "acme"
+    assert "tenant acme" in CliRunner().invoke(cli, ["keys", "list"]).output
+    assert CliRunner().invoke(cli, ["keys", "create", "--name", "x", "--tenant", "../etc"]).exit_code != 0
