@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.engine.prefix_cache import PrefixKV
-from app.engine.request import Completion, EngineRequest, FinishReason, GenerationParams
+from app.engine.request import Completion, EngineRequest, FinishReason
 from app.engine.sampling import next_tokens
 from app.engine.text import TextStream
 from app.files import atomic_directory
