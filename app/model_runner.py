@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.engine.prefix_cache import PrefixKV
-from app.engine.request import Completion, EngineRequest, FinishReason, GenerationParams
+from app.engine.request import Completion, EngineRequest, FinishReason
 from app.engine.sampling import next_tokens
 from app.engine.text import TextStream
 from app.files import atomic_directory
@@ -97,9 +97,9 @@ class ModelRunner:
         with self._lock, torch.inference_mode():
             embeds, mask, positions = self._prefill_inputs([r.embeds for r in requests], prefix)
             cache = prefix.expand(len(requests)) if prefix else None
-            logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, logits = logits.past_key_values, logits.logits[:, -1]
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, logits = out.past_key_values, out.logits[:, -1]
             live = list(range(len(requests)))  # the requests still in the batch, in batch order
             position = positions[:, -1]
             while True:

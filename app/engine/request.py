@@ -79,8 +79,6 @@ class Backend(Protocol):
     """Runs EngineRequests. `submit` raises Overloaded when it cannot take more; the future fails with
     DeadlineExceeded when a request runs past its deadline, and ends with finish_reason 'cancelled' once cancelled."""
 
-    name: str
-
     def submit(self, request: EngineRequest) -> Future[Completion]: ...
 
     def close(self) -> None: ...

@@ -11,7 +11,7 @@ from app.model_runner import ModelRunner
 
 
 class TransformersBackend:
-    name = "transformers"
+    """Requests queue in the batcher; each batch shares a soft prompt, whose keys and values come from the cache."""
 
     def __init__(self, runner: ModelRunner, *, max_batch: int, window: float, max_queue: int) -> None:
         self.runner = runner
@@ -25,6 +25,6 @@ class TransformersBackend:
         self.batcher.close()
 
     def _run(self, batch: list[EngineRequest]) -> list[Completion]:
-        """A batch shares its soft prompt (it is part of the batch key): its keys and values come from the cache."""
+        """A batch shares its soft prompt (it is part of the batch key)."""
         prefix = batch[0].prefix
         return self.runner.decode(batch, self.prefixes.get(prefix) if prefix else None)

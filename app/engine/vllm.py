@@ -40,8 +40,6 @@ def sampling_params(params: GenerationParams) -> Any:
 
 
 class VllmBackend:
-    name = "vllm"
-
     def __init__(self, create_engine: Callable[[], Any], *, dtype: torch.dtype, max_in_flight: int,
                  make_params: Callable[[GenerationParams], Any] = sampling_params) -> None:
         """`create_engine` makes the engine (an AsyncLLM, or anything with its async `generate`) on the backend's
