@@ -43,6 +43,7 @@ class ServerSettings(BaseSettings):
     """Whether /v1 routes need `Authorization: Bearer <client key>` (keys: `veil keys create`)."""
     rate_limit_per_minute: int = 600
     """Requests a minute per client key (per client address when keys are not required); over it: 429."""
+    rate_limit_storage: str = "memory://"
     tenant_training_epsilon: float = 10.0
     """Training epsilon a tenant's data may take in all (DP soft prompts) unless the admin API sets another."""
 
