@@ -20,6 +20,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -76,7 +78,7 @@ class RemoteJobs:
 
     def alive(self) -> bool:
         try:
-            return ray.get(self.worker.call.remote("alive"), timeout=10)
+            return ray.get(self.worker.call.remote("alive"), timeout=2)
         except (ray.exceptions.RayError, TimeoutError):
             return False
 
@@ -147,8 +149,10 @@ def deployment(settings: ServerSettings, replicas: int = 1, *, min_replicas: int
                          f"not {replicas}, {min_replicas}, {max_replicas}")
     cores = os.cpu_count() or 1
     threads = threads_per_replica(highest if autoscaling else replicas)
-    ray.init(num_cpus=cores, include_dashboard=False, object_store_memory=100 * 1024**2,
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, object_store_memory=100 * 1024**2,
              configure_logging=False)
+    if threading.current_thread() is threading.main_thread():  # ray.init's handler aborts, skipping the cleanup
+        signal.signal(signal.SIGTERM, _exit)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         worker = TrainingWorker.options(num_cpus=0, max_restarts=-1).remote(settings, cores)
@@ -170,6 +174,10 @@ def deployment(settings: ServerSettings, replicas: int = 1, *, min_replicas: int
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _exit(signum: int, frame: object) -> None:
+    sys.exit(0)
 
 
 def wait_ready(url: str, timeout: float) -> None:
@@ -222,10 +230,6 @@ def redis_server(timeout: float = 30) -> Iterator[str]:
         process.wait(timeout=30)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def serve_replicas(settings: ServerSettings, replicas: int, min_replicas: int | None = None,
                    max_replicas: int | None = None) -> None:
     """What `veil serve --replicas` runs: Redis for the shared rate limit unless one is configured, the deployment,
@@ -234,7 +238,6 @@ def serve_replicas(settings: ServerSettings, replicas: int, min_replicas: int | 
         if settings.rate_limit_storage.startswith("memory://") and max(replicas, max_replicas or 0) > 1:
             uri = stack.enter_context(redis_server())
             settings = settings.model_copy(update={"rate_limit_storage": uri})
-        signal.signal(signal.SIGTERM, _interrupt)
         url = stack.enter_context(deployment(settings, replicas, min_replicas=min_replicas,
                                              max_replicas=max_replicas))
         print(f"veil: serving on {url} (Ray Serve, rate limits in {settings.rate_limit_storage}); Ctrl-C stops",
