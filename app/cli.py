@@ -116,7 +116,7 @@ def demo(
                f"{fp32 / result.bytes_sent:.1f}x more)")
 
 
-BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load")
+BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "rate-limit-store")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
