@@ -35,6 +35,7 @@ from fastapi.concurrency import run_in_threadpool
 from ray import serve
 
 from app.api import create_app
+from app.errors import Overloaded
 from app.model_runner import ModelRunner
 from app.settings import ServerSettings
 from app.training.jobs import JobManager
@@ -57,9 +58,15 @@ class TrainingWorker:
 
 
 class RemoteJobs:
-    """JobManager's interface, as the admin API and /readyz use it, over the deployment's TrainingWorker."""
+    """JobManager's interface, as the admin API and /readyz use it, over the deployment's TrainingWorker.
+
+    Takes JobManager's constructor arguments (to stand in for it in `create_app`) but needs none of them: the
+    worker has its own model, and replicas notice new artifacts on disk.
+    """
 
     FORWARDED = ("projections", "submit", "resume", "cancel", "get", "list")
+    TIMEOUT = 10.0
+    """Seconds a call may wait for the worker (longer only while it loads its model after a restart)."""
 
     def __init__(self, worker: ray.actor.ActorHandle, runner: ModelRunner, settings: ServerSettings,
                  on_artifact: Callable[[], None]) -> None:
@@ -72,9 +79,11 @@ class RemoteJobs:
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return ray.get(self.worker.call.remote(method, *args, **kwargs))
+            return ray.get(self.worker.call.remote(method, *args, **kwargs), timeout=self.TIMEOUT)
         except ray.exceptions.RayTaskError as err:  # the worker's own exception (KeyError, JobConflict, ...)
             raise err.cause from None
+        except (ray.exceptions.RayError, TimeoutError):  # dead, restarting or stuck: a 503 with Retry-After
+            raise Overloaded("the training worker is not available now", retry_after=self.TIMEOUT) from None
 
     def alive(self) -> bool:
         try:
@@ -143,12 +152,11 @@ def deployment(settings: ServerSettings, replicas: int = 1, *, min_replicas: int
     is given); yield the URL once every replica is ready; shut everything down after."""
     autoscaling = min_replicas is not None or max_replicas is not None
     lowest = min_replicas if min_replicas is not None else 1
-    highest = max_replicas if max_replicas is not None else max(replicas, lowest)
-    if not 1 <= lowest <= highest or not autoscaling and replicas < 1:
+    highest = max_replicas if max_replicas is not None else max(replicas, lowest)  # = replicas without autoscaling
+    if replicas < 1 or not 1 <= lowest <= highest:
         raise ValueError(f"need 1 <= replicas and 1 <= min_replicas <= max_replicas, "
                          f"not {replicas}, {min_replicas}, {max_replicas}")
     cores = os.cpu_count() or 1
-    threads = threads_per_replica(highest if autoscaling else replicas)
     ray.init(address="local", num_cpus=cores, include_dashboard=False, object_store_memory=100 * 1024**2,
              configure_logging=False)
     if threading.current_thread() is threading.main_thread():  # ray.init's handler aborts, skipping the cleanup
@@ -163,8 +171,8 @@ def deployment(settings: ServerSettings, replicas: int = 1, *, min_replicas: int
             if autoscaling else {"num_replicas": replicas})
         replica = serve.deployment(VeilReplica, name=APP_NAME).options(
             **scaling, max_ongoing_requests=2 * settings.max_batch_size,
-            ray_actor_options={"num_cpus": cores / (highest if autoscaling else replicas)})
-        serve.run(replica.bind(settings, worker, threads), name=APP_NAME, route_prefix="/",
+            ray_actor_options={"num_cpus": cores / highest})
+        serve.run(replica.bind(settings, worker, threads_per_replica(highest)), name=APP_NAME, route_prefix="/",
                   blocking=False)
         url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
         wait_ready(url, startup_timeout)
