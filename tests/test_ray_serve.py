@@ -100,3 +100,8 @@ def test_a_job_started_through_one_replica_is_seen_and_its_artifact_served_by_bo
     assert list(soft_prompts().values()) == [["mine"]] * REPLICAS
     assert http.post("/admin/soft-prompts/mine/deactivate", headers=ADMIN).status_code == 200  # on one replica
     assert list(soft_prompts().values()) == [[]] * REPLICAS
+
+
+def test_inverted_autoscaling_bounds_are_refused_before_anything_starts() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--min-replicas", "3", "--max-replicas", "2"])
+    assert result.exit_code == 2 and "--min-replicas must not exceed --max-replicas" in result.output
