@@ -6,7 +6,7 @@ Every error is a JSON body {"error", "detail"} (see app/errors.py).
 
 import copy
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -28,8 +28,13 @@ from client_sdk.schemas import ErrorResponse
 ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422)}
 
 
-def create_app(settings: ServerSettings | None = None, runner: ModelRunner | None = None) -> FastAPI:
-    """The app; loads `settings.model` at startup unless a ready `runner` is given (tests do)."""
+def create_app(settings: ServerSettings | None = None, runner: ModelRunner | None = None,
+               jobs: Callable[..., JobManager] = JobManager) -> FastAPI:
+    """The app; loads `settings.model` at startup unless a ready `runner` is given (tests do).
+
+    `jobs` builds the training-job manager from (runner, settings, on_artifact): by default one that trains in
+    this process; Ray Serve replicas pass one that forwards to the deployment's training worker (app/ray_serve.py).
+    """
     settings = settings or ServerSettings()
 
     @asynccontextmanager
@@ -37,7 +42,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
         loaded = runner or await run_in_threadpool(ModelRunner.load, settings.model, settings.cache_dir,
                                                    settings.device)
         app.state.service = InferenceService(loaded, settings)
-        app.state.jobs = JobManager(loaded, settings, on_artifact=app.state.service.reload)
+        app.state.jobs = jobs(loaded, settings, on_artifact=app.state.service.reload)
         yield
         await run_in_threadpool(app.state.jobs.close)
         await run_in_threadpool(app.state.service.backend.close)

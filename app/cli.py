@@ -29,6 +29,10 @@ def serve(
     port: int | None = typer.Option(None, help="port (default 8000)"),
     device: str | None = typer.Option(None, help="torch device, e.g. cpu or cuda"),
     backend: str | None = typer.Option(None, help="what generates: transformers (default) or vllm (GPU)"),
+    replicas: int | None = typer.Option(None, min=1, help="serve N replicas with Ray Serve on a local Ray cluster, "
+                                        "each its own model copy (needs `pip install .[ray]`; docs/DEPLOY.md)"),
+    min_replicas: int | None = typer.Option(None, min=1, help="Ray Serve autoscaling: the fewest replicas"),
+    max_replicas: int | None = typer.Option(None, min=1, help="Ray Serve autoscaling: the most replicas"),
 ) -> None:
     """Run the server (needs `pip install .[server]`); settings also come from VEIL_* variables."""
     import uvicorn
@@ -39,6 +43,15 @@ def serve(
     overrides = {k: v for k, v in dict(model=model, host=host, port=port, device=device, backend=backend).items()
                  if v is not None}
     settings = ServerSettings(**overrides)
+    if replicas is not None or min_replicas is not None or max_replicas is not None:
+        try:
+            from app.ray_serve import serve_replicas
+        except ImportError as err:
+            raise typer.BadParameter(f"replicas need Ray Serve: pip install '.[ray]' ({err})") from None
+        if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
+            raise typer.BadParameter("--min-replicas must not exceed --max-replicas")
+        serve_replicas(settings, replicas or 1, min_replicas, max_replicas)
+        return
     uvicorn.run(create_app(settings), **uvicorn_options(settings))
 
 
@@ -105,7 +118,8 @@ def demo(
                f"{fp32 / result.bytes_sent:.1f}x more)")
 
 
-BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse")
+BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse",
+              "rate-limit-store")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
