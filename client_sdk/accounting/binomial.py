@@ -27,9 +27,11 @@ def _log_window_sum(n: int, p: float, start: int, step: int) -> float:
     """log of sum of pmf(j) for j = start, start+step, ... to the end of the support.
 
     `start` lies on the far side of the mode, so terms decrease and the sum stops once
-    they fall `_NEGLIGIBLE_NATS` below the running total.
+    they fall `_NEGLIGIBLE_NATS` below the running total. Chunks start small and double up to ten
+    standard deviations, so a far tail (a few terms) costs little even when n is in the hundreds of millions.
     """
-    chunk = int(10 * math.sqrt(n * p * (1 - p))) + 64
+    max_chunk = int(10 * math.sqrt(n * p * (1 - p))) + 64
+    chunk = min(256, max_chunk)
     total = -math.inf
     j = start
     while 0 <= j <= n:
@@ -38,7 +40,7 @@ def _log_window_sum(n: int, p: float, start: int, step: int) -> float:
         total = float(np.logaddexp(total, special.logsumexp(terms)))
         if terms[-1] < total - _NEGLIGIBLE_NATS:
             break
-        j = stop
+        j, chunk = stop, min(2 * chunk, max_chunk)
     return total
 
 
