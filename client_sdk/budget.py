@@ -251,26 +251,30 @@ class BudgetLedger:
     # -- spending -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _groups(db: sqlite3.Connection, key: str, extra: Mechanism | None = None) -> tuple[composition.Groups, float]:
-        """The key's charges as composition groups {p: trials}, plus the epsilon of legacy charges (added)."""
+    def _groups(db: sqlite3.Connection, key: str,
+                extra: Mechanism | None = None) -> tuple[composition.Groups, float, float]:
+        """The key's charges as composition groups {p: trials}, plus the epsilon and delta of charges recorded
+        without a mechanism (composed by adding both)."""
         totals: dict[float, int] = {}
         for p, trials in db.execute("SELECT p, SUM(tokens * trials) FROM charges WHERE key = ? AND p IS NOT NULL "
                                     "GROUP BY p", (key,)):
             totals[p] = int(trials)
         if extra is not None:
             totals[extra.p] = totals.get(extra.p, 0) + extra.tokens * extra.trials_per_token
-        legacy = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM charges WHERE key = ? AND p IS NULL",
-                            (key,)).fetchone()[0]
-        return composition.as_groups(totals), float(legacy)
+        eps, delta = db.execute("SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM charges "
+                                "WHERE key = ? AND p IS NULL", (key,)).fetchone()
+        return composition.as_groups(totals), float(eps), float(delta)
 
     def spent(self, key: str) -> Spent:
-        """The key's composed epsilon at its limits' delta (pending and sent charges together)."""
+        """The key's composed epsilon at its limits' delta (pending and sent charges together); charges without a
+        mechanism add their epsilon and delta."""
         delta = self.limits(key).delta
         with self._transaction() as db:
-            groups, legacy = self._groups(db, key)
+            groups, legacy_eps, legacy_delta = self._groups(db, key)
             count, tokens = db.execute("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM charges WHERE key = ?",
                                        (key,)).fetchone()
-        return Spent(composition.composed_epsilon(groups, delta) + legacy, delta, count, tokens)
+        return Spent(composition.composed_epsilon(groups, delta) + legacy_eps, (delta if groups else 0.0) + legacy_delta,
+                     count, tokens)
 
     def remaining(self, key: str) -> float | None:
         """Epsilon left under the key's cumulative cap (None: no cap)."""
@@ -293,9 +297,9 @@ class BudgetLedger:
                     f"{limits.per_prompt_epsilon:.4g} for key {key!r}; nothing was sent"
                 )
             if limits.total_epsilon is not None:
-                groups, legacy = self._groups(db, key, mechanism)
-                legacy += epsilon if mechanism is None else 0.0
-                if not composition.fits(groups, limits.total_epsilon - legacy, limits.delta):
+                groups, legacy, _ = self._groups(db, key, mechanism)
+                added = epsilon if mechanism is None else 0.0
+                if not composition.fits(groups, limits.total_epsilon - legacy - added, limits.delta):
                     spent = composition.composed_epsilon(self._groups(db, key)[0], limits.delta) + legacy
                     raise BudgetExceededError(
                         f"this prompt costs epsilon={epsilon:.4g} but key {key!r} has spent {spent:.4g} of "

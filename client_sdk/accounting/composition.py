@@ -64,6 +64,8 @@ def composed_epsilon(groups: Groups, delta: float) -> float:
 
 def fits(groups: Groups, epsilon: float, delta: float) -> bool:
     """Whether the composition of `groups` stays within `epsilon` at `delta`."""
+    if epsilon < 0:
+        return False
     if not groups:
         return True
     if len(groups) == 1:
