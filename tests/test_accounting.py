@@ -70,6 +70,8 @@ def test_the_cumulative_accountant_is_never_below_the_exact_composition(mus: tup
     assert accountant <= exact * 1.02 + 0.05  # and tight: far below adding the charges' epsilons
     added = sum(brute_force_epsilon([charge], 1e-5) for charge in charges)
     assert accountant < added
+    p_max, trials = composition.dominating_group(composition.as_groups(totals))
+    assert binomial.epsilon_for_delta(trials, p_max, 1e-5) >= exact - 1e-9  # the bound for large ledgers
     assert composition.fits(composition.as_groups(totals), accountant + 1e-6, 1e-5)
     assert not composition.fits(composition.as_groups(totals), exact * 0.99, 1e-5)
 
