@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from client_sdk.spans import Part, Treatment
 
@@ -64,28 +65,38 @@ def _pattern_detections(text: str) -> list[Detection]:
     return found
 
 
-def _presidio_detections(text: str) -> list[Detection]:
-    """presidio-analyzer's recognizers, when installed; names need a spaCy NER model already installed."""
+@lru_cache(maxsize=1)
+def _presidio():
+    """presidio's pattern recognizers (cards, IBANs, phone numbers) and, only where a spaCy model is already
+    installed, its NER analyzer for names; None without presidio. Its email recognizer is not used: it fetches a
+    public-suffix list over the network."""
     try:
+        import spacy
         from presidio_analyzer import AnalyzerEngine
+        from presidio_analyzer import predefined_recognizers as recognizers
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
     except ImportError:
+        return None
+    patterns = [recognizers.CreditCardRecognizer(), recognizers.IbanRecognizer(), recognizers.PhoneRecognizer()]
+    models = spacy.util.get_installed_models()  # never downloads: presidio would fetch a missing model
+    ner = None
+    if models:
+        config = {"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": models[0]}]}
+        ner = AnalyzerEngine(nlp_engine=NlpEngineProvider(nlp_configuration=config).create_engine())
+    return patterns, ner
+
+
+def _presidio_detections(text: str) -> list[Detection]:
+    loaded = _presidio()
+    if loaded is None:
         return []
-    try:
-        engine = _presidio_engine(AnalyzerEngine)
-    except (OSError, ValueError):  # no spaCy model installed: presidio cannot load its NLP engine
-        return []
-    results = engine.analyze(text=text, language="en", entities=list(_PRESIDIO_LABELS))
-    return [Detection(r.start, r.end, _PRESIDIO_LABELS[r.entity_type]) for r in results]
-
-
-_ENGINE = None
-
-
-def _presidio_engine(factory):
-    global _ENGINE
-    if _ENGINE is None:
-        _ENGINE = factory()
-    return _ENGINE
+    patterns, ner = loaded
+    results = [r for recognizer in patterns
+               for r in recognizer.analyze(text, entities=recognizer.supported_entities, nlp_artifacts=None)]
+    if ner is not None:
+        results += ner.analyze(text=text, language="en", entities=["PERSON", "LOCATION"])
+    return [Detection(r.start, r.end, _PRESIDIO_LABELS[r.entity_type]) for r in results
+            if r.entity_type in _PRESIDIO_LABELS]
 
 
 def detect(text: str) -> list[Detection]:
