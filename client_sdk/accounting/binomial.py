@@ -17,6 +17,7 @@ from scipy import special, stats
 
 EXACT_CURVE_MAX_TRIALS = 4_000_000
 _NEGLIGIBLE_NATS = 40.0
+_SF_FLOOR = 1e-200
 
 
 def _log_pmf(n: int, p: float, x: np.ndarray) -> np.ndarray:
@@ -51,7 +52,8 @@ def log_sf(n: int, p: float, x: int) -> float:
     if x > n:
         return -math.inf
     if x > n * p:
-        return _log_window_sum(n, p, x, +1)
+        tail = stats.binom.sf(x - 1, n, p)  # regularized incomplete beta: O(1), accurate while it does not underflow
+        return math.log(tail) if tail > _SF_FLOOR else _log_window_sum(n, p, x, +1)
     return math.log1p(-math.exp(_log_window_sum(n, p, x - 1, -1)))
 
 
