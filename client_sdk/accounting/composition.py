@@ -55,7 +55,7 @@ def dominating_group(groups: Groups) -> tuple[float, int]:
     return max(p for p, _ in groups), sum(n for _, n in groups)
 
 
-def _pld_affordable(groups: Groups) -> bool:
+def pld_affordable(groups: Groups) -> bool:
     return sum(24 * math.sqrt(n * p * (1 - p)) + n * (2 * p - 1) for p, n in groups) <= PLD_MAX_SUPPORT
 
 
@@ -65,7 +65,7 @@ def composed_epsilon(groups: Groups, delta: float) -> float:
     affordable, else the dominating binomial's exact epsilon."""
     if not groups:
         return 0.0
-    if len(groups) == 1 or not _pld_affordable(groups):
+    if len(groups) == 1 or not pld_affordable(groups):
         p, trials = dominating_group(groups)
         return binomial.epsilon_for_delta(trials, p, delta)
     interval = min(binomial.log_odds(p) for p, _ in groups) / 4
@@ -85,7 +85,7 @@ def fits(groups: Groups, epsilon: float, delta: float) -> bool:
         return False
     if not groups:
         return True
-    if len(groups) == 1 or not _pld_affordable(groups):
+    if len(groups) == 1 or not pld_affordable(groups):
         p, trials = dominating_group(groups)
         return trials <= max_trials(p, epsilon, delta)
     return composed_epsilon(groups, delta) <= epsilon
