@@ -120,12 +120,19 @@ class Placeholders:
             self.originals[name] = part.text
         return self._by_text[key]
 
+    @property
+    def forms(self) -> dict[str, str]:
+        """Every way the answer may repeat a placeholder, `[PERSON_1]` or bare `PERSON_1`, and its original text."""
+        return {**{name[1:-1]: text for name, text in self.originals.items()}, **self.originals}
+
     def restore(self, text: str) -> str:
-        """Put the original text back wherever the answer repeats a placeholder."""
+        """Put the original text back wherever the answer repeats a placeholder (with or without its brackets)."""
         if not self.originals:
             return text
-        pattern = "|".join(re.escape(name) for name in sorted(self.originals, key=len, reverse=True))
-        return re.sub(pattern, lambda m: self.originals[m.group(0)], text)
+        forms = self.forms
+        pattern = "|".join(re.escape(f) if f.startswith("[") else rf"\b{re.escape(f)}\b"
+                           for f in sorted(forms, key=len, reverse=True))
+        return re.sub(pattern, lambda m: forms[m.group(0)], text)
 
     def stream_restorer(self) -> "StreamRestorer":
         return StreamRestorer(self)
@@ -136,23 +143,27 @@ class StreamRestorer:
 
     def __init__(self, placeholders: Placeholders) -> None:
         self._placeholders = placeholders
-        self._held = ""
+        self._held = self._context = ""
 
     def feed(self, chunk: str) -> str:
         text = self._held + chunk
-        names = self._placeholders.originals
+        names = self._placeholders.forms
         hold = len(text)
         longest = max((len(n) for n in names), default=0)
         for i in range(max(0, len(text) - longest + 1), len(text)):
             if any(n.startswith(text[i:]) for n in names):
                 hold = i
                 break
-        self._held = text[hold:]
-        return self._placeholders.restore(text[:hold])
+        return self._emit(text[:hold], text[hold:])
 
     def flush(self) -> str:
-        text, self._held = self._held, ""
-        return self._placeholders.restore(text)
+        return self._emit(self._held, "")
+
+    def _emit(self, ready: str, held: str) -> str:
+        # the last character already emitted is the left context of a bare `PERSON_1` (a word boundary or not)
+        context = self._context
+        self._held, self._context = held, (context + ready)[-1:]
+        return self._placeholders.restore(context + ready)[len(context) :]
 
 
 @dataclass(frozen=True)

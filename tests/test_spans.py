@@ -32,11 +32,11 @@ def test_placeholders_are_restored_however_the_answer_is_chunked(cuts: list[int]
     city = placeholders.public_text(Part("Bath", "placeholder", "CITY"))
     assert (person, city) == ("[PERSON_1]", "[CITY_1]")
     assert placeholders.public_text(Part("Ann", "placeholder", "PERSON")) == person  # same text, same name
-    answer = f"[{person} met [x] {city} and {person}[PERSON_"
+    answer = f"[{person} met [x] {city} and {person}, PERSON_1: hi XPERSON_1 [PERSON_"
     bounds = sorted({0, len(answer), *[c for c in cuts if c < len(answer)]})
     restorer = placeholders.stream_restorer()
     out = "".join(restorer.feed(answer[a:b]) for a, b in zip(bounds, bounds[1:])) + restorer.flush()
-    assert out == placeholders.restore(answer) == "[Ann met [x] Bath and Ann[PERSON_"
+    assert out == placeholders.restore(answer) == "[Ann met [x] Bath and Ann, Ann: hi XPERSON_1 [PERSON_"
 
 
 def word_tokenizer() -> Tokenizer:
