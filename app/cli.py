@@ -146,7 +146,7 @@ def demo(
     typer.echo(f"bytes sent: {result.bytes_sent}")
 
 
-BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "ledger", "chat")
+BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "ledger", "chat", "selective")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
