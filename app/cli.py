@@ -6,6 +6,7 @@ Server modules are imported inside the commands, so `veil privacy` works in a cl
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import typer
@@ -87,39 +88,81 @@ def local_server(port: int, env: dict[str, str] | None = None) -> Iterator[str]:
         server.wait(timeout=30)
 
 
+OPERATING_POINT = Path(__file__).resolve().parents[1] / "bench" / "results" / "operating-point.json"
+
+
+def _measured_recovery(report) -> str:
+    """The strongest attack's measured recovery at this setting, from the evaluation's operating point if it
+    was measured at these n, k and mu; otherwise says it was not measured."""
+    import json
+
+    if not OPERATING_POINT.exists():
+        return "not measured yet (bench/results/operating-point.json is absent)"
+    point = json.loads(OPERATING_POINT.read_text())
+    same = (point["bits"], point["dim"]) == (report.bits, report.dim) and abs(point["mu"] / report.mu_clt - 1) < 1e-3
+    where = "at this setting" if same else f"at n={point['bits']}, k={point['dim']}, mu={point['mu']:g} (not this one)"
+    return (f"{point['recovery']:.1%} of tokens recovered by the strongest attack ({point['attack']}) {where}, "
+            f"measured on {point['corpus']}")
+
+
+def _show_spans(client, prompt) -> None:
+    """What stays on the device (private spans, placeholders) and what the server sees in the clear."""
+    from client_sdk.spans import Placeholders, as_messages
+
+    placeholders = Placeholders()
+    spans = client.bundle.spans(as_messages(prompt), placeholders=placeholders)
+    decode = client.bundle.tokenizer.decode
+    for span in spans:
+        text = decode(span.ids.tolist(), skip_special_tokens=False)
+        label = "private: only noised levels leave" if span.private else "public: sent in the clear"
+        typer.echo(f"  {label:40s} {text!r}")
+    for name, original in placeholders.originals.items():
+        typer.echo(f"  {'placeholder (real text stays here)':40s} {name} = {original!r}")
+
+
 @cli.command()
 def demo(
-    prompt: str = typer.Option("What is the capital of France?", help="the prompt to send privately"),
-    mu: float | None = typer.Option(None, help="per-token CLT mu (default: the server's)"),
-    bits: int | None = typer.Option(None, help="n bits per coordinate (default: the server's)"),
-    max_new_tokens: int = typer.Option(32),
+    prompt: str = typer.Option("What is the capital of France?", help="the user's message"),
+    selective: bool = typer.Option(False, help="read inline markup in the prompt: [[text]] is noised, "
+                                   "[[text|LABEL]] becomes a placeholder, the rest is public (default: the whole "
+                                   "message is private)"),
+    max_new_tokens: int = typer.Option(40),
     port: int = typer.Option(8765),
 ) -> None:
-    """Start the server on the default model, send one private prompt through the SDK, print what it cost."""
+    """Start the server on the default model and send one prompt through the SDK under the default privacy policy:
+    what stayed on the device, what was public, the epsilon spent, the ledger's remaining budget, the attack rate."""
     from client_sdk.client import PrivateLLMClient
+    from client_sdk.spans import markup
 
+    message = [{"role": "user", "content": markup(prompt)}] if selective else prompt
     with local_server(port) as url:
-        with PrivateLLMClient(url, mu=mu, bits=bits) as client:
-            result = client.generate(prompt, max_new_tokens=max_new_tokens)
-            info = client.bundle.info
+        with PrivateLLMClient(url, budget_key="veil-demo") as client:
+            typer.echo(f"prompt: {prompt!r}")
+            _show_spans(client, message)
+            result = client.generate(message, max_new_tokens=max_new_tokens, stop=["\n\n"])
+            remaining = client.ledger.remaining("veil-demo")
+            ledger_path = client.ledger.path
     report = result.privacy
-    typer.echo(f"prompt (stays on this device): {prompt!r}")
-    typer.echo(f"answer: {result.text!r}")
+    typer.echo(f"answer: {result.text.strip()!r}")
+    typer.echo(f"privacy: {report.private_tokens} private tokens (noised), {report.public_tokens} public; n={report.bits}, "
+               f"k={report.dim}, mu={report.mu_clt:.4g} per token, chosen on this device by the default policy")
+    typer.echo(f"epsilon spent: {report.epsilon_per_token:.4g} per private token, {report.epsilon:.4g} for this prompt "
+               f"(exact, delta={report.delta:g}); public tokens cost nothing")
+    if remaining is not None:
+        typer.echo(f"ledger: {ledger_path}, budget key 'veil-demo': {remaining:.4g} epsilon left (composed)")
+    typer.echo(f"attack: {_measured_recovery(report)}")
+    if report.private_tokens:
+        typer.echo("why the answer may not name the city: the server, and so the model, read the private tokens only "
+                   "through noise strong enough that the best known attack recovers few of them; when the word naming "
+                   "the country is private the model cannot read it either. Mark only the sensitive words private "
+                   "(--selective, e.g. 'What is the capital of [[France|COUNTRY]]?') to keep the rest readable.")
     if result.soft_prompt:
-        match = "exact match" if result.soft_prompt_exact else "nearest trained mu"
-        typer.echo(f"soft prompt used: {result.soft_prompt} (trained for mu={result.soft_prompt_mu:g}, {match})")
-    else:
-        typer.echo("soft prompt used: none (no trained soft prompt for this projection and n)")
-    typer.echo(f"privacy: n={report.bits}, k={report.dim}, mu={report.mu_clt:.4g} per token; exact epsilon "
-               f"{report.epsilon_per_token:.4g} per token, {report.epsilon:.4g} for the whole "
-               f"{report.tokens}-token prompt (delta={report.delta:g})")
-    fp32 = report.tokens * info.hidden_size * 4
-    typer.echo(f"bytes sent: {result.bytes_sent} (fp32 embeddings would be {fp32}: "
-               f"{fp32 / result.bytes_sent:.1f}x more)")
+        typer.echo(f"soft prompt used: {result.soft_prompt} (trained for mu={result.soft_prompt_mu:g})")
+    typer.echo(f"bytes sent: {result.bytes_sent}")
 
 
 BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse",
-              "rate-limit-store")
+              "rate-limit-store", "ledger", "chat", "selective")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

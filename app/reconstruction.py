@@ -85,10 +85,18 @@ def publish(projection: Projection, embedding_table: torch.Tensor) -> PublishedP
     return PublishedProjection(projection, projection.table_file(embedding_table))
 
 
-def reconstruct_payload(payload: Payload, projection: Projection) -> torch.Tensor:
-    """Dequantize the levels (A(2K/u - 1)) and decode them to (T x b) embeddings."""
-    z = torch.from_numpy(dequantize(payload.levels, payload.params))
-    return projection.reconstruct(z)
+def reconstruct_payload(payload: Payload, projection: Projection, embedding_table: torch.Tensor) -> torch.Tensor:
+    """(T x b) embeddings in prompt order: private spans dequantized (A(2K/u - 1)) and decoded through the
+    projection, public spans looked up in the model's own embedding table."""
+    pieces = []
+    with torch.no_grad():
+        for span, data in payload.segments():
+            if span.private:
+                pieces.append(projection.reconstruct(torch.from_numpy(dequantize(data, payload.params))))
+            else:
+                ids = torch.from_numpy(data).to(embedding_table.device)
+                pieces.append(embedding_table[ids].to(device=projection.mean.device, dtype=projection.mean.dtype))
+    return torch.cat(pieces)
 
 
 PROJECTION_FILE = "projection.safetensors"

@@ -29,6 +29,7 @@ class PreparedInput:
 
     embeddings: torch.Tensor  # T x b (the soft prompt goes before them in the backend)
     prompt_tokens: int
+    private_tokens: int
     params: MechanismParams
     soft_prompt: SoftPrompt | None
     soft_prompt_exact: bool
@@ -106,20 +107,30 @@ class InferenceService:
 
     @property
     def max_payload_bytes(self) -> int:
-        return wire.payload_size(self.settings.max_prompt_tokens, max(self.catalog.dims.values()), wire.MAX_BITS)
+        return wire.max_payload_size(self.settings.max_prompt_tokens, max(self.catalog.dims.values()))
 
     def prepare(self, body: bytes, tenant: str | None = None) -> PreparedInput:
-        """Decode and validate the payload, reconstruct embeddings and prepend the matching soft prompt (a tenant's
-        DP prompts only for that `tenant`)."""
-        catalog = self.catalog
+        """Decode and validate the payload, embed its spans in order (private ones through the projection,
+        public ones with the model's own table) and select the matching soft prompt (a tenant's DP prompts only for
+        that `tenant`); the backend puts the soft prompt before the embeddings.
+
+        A soft prompt is used only for a prompt that is private throughout: that is the input the soft
+        prompts were trained on (noised WikiText continuations). A prompt with public spans (a chat template
+        in the clear, selective privacy) reaches the model as it is; a WikiText soft prompt pulls chat answers
+        towards WikiText's `<unk>`-laden prose (measured: docs/BENCHMARKS.md, "Chat prompts and soft prompts").
+        """
+        catalog, table = self.catalog, self.runner.input_embeddings.detach()
         start = time.perf_counter()
-        payload = wire.decode(body, projections=catalog.dims, max_tokens=self.settings.max_prompt_tokens)
+        payload = wire.decode(body, projections=catalog.dims, max_tokens=self.settings.max_prompt_tokens,
+                              vocab_size=table.shape[0])
         decoded = time.perf_counter()
-        embeddings = reconstruct_payload(payload, catalog.projections[payload.projection_id].projection)
-        soft, exact = select_soft_prompt(catalog.soft_prompts, payload.projection_id, payload.params.bits,
-                                         payload.params.mu_clt, tenant=tenant)
+        embeddings = reconstruct_payload(payload, catalog.projections[payload.projection_id].projection, table)
+        soft, exact = None, False
+        if payload.public_tokens == 0:
+            soft, exact = select_soft_prompt(catalog.soft_prompts, payload.projection_id, payload.params.bits,
+                                             payload.params.mu_clt, tenant=tenant)
         done = time.perf_counter()
-        return PreparedInput(embeddings, payload.tokens, payload.params, soft, exact,
+        return PreparedInput(embeddings, payload.tokens, payload.private_tokens, payload.params, soft, exact,
                              {"decode": decoded - start, "reconstruct": done - decoded})
 
     def submit(self, prepared: PreparedInput, params: GenerationParams, cancelled: threading.Event | None = None,

@@ -1,28 +1,43 @@
-"""A persistent privacy-budget ledger on the device (SQLite).
+"""A persistent privacy-budget ledger on the device: SQLite for the charges, a separate file for the limits.
 
-Every send is charged *before* its first byte leaves: `reserve` checks the per-prompt and
-cumulative limits and records a pending charge in one IMMEDIATE transaction, so two processes
-cannot both spend the last of a budget. A charge is keyed by the payload's SHA-256: re-sending the
-same bytes (a retry) costs nothing more, and a crash mid-send leaves the charge counted, never lost.
-Cumulative spending composes by the basic theorem: epsilons add and deltas add.
+Every send is charged *before* its first byte leaves: `reserve` checks the per-prompt and cumulative
+limits and records a pending charge in one IMMEDIATE transaction, so two processes cannot both spend
+the last of a budget. A charge is keyed by the payload's SHA-256: re-sending the same bytes (a retry)
+costs nothing more. Cumulative spending is composed, not added (client_sdk.accounting.composition): a
+charge records its private tokens and mechanism, and charges sharing a mechanism compose exactly.
+
+Failing closed. The limits live in `<ledger>.limits.json`, apart from the SQLite file, with the ledger's
+random id, which the SQLite file also holds. A ledger whose file vanished, was emptied, replaced or is
+corrupt while its limits file says it existed raises `LedgerError`; it never comes back empty and
+unlimited. To start over on purpose, the app calls `BudgetLedger.discard(path)`.
+
+Pending charges. A send that crashed (or whose outcome is unknown) stays `pending` and counted.
+`pending(key)` lists them; `settle(charge_id, sent=...)` resolves one: `sent=True` makes it final,
+`sent=False` drops it (only if the app knows the payload never left the device).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from client_sdk.errors import BudgetExceededError
+from filelock import FileLock
+
+from client_sdk.accounting import DEFAULT_DELTA
+from client_sdk.accounting import composition
+from client_sdk.errors import BudgetExceededError, LedgerError
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS limits (
-    key TEXT PRIMARY KEY,
-    per_prompt_epsilon REAL,
-    total_epsilon REAL
+CREATE TABLE IF NOT EXISTS meta (
+    ledger_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS charges (
     charge_id TEXT PRIMARY KEY,
@@ -30,103 +45,270 @@ CREATE TABLE IF NOT EXISTS charges (
     epsilon REAL NOT NULL,
     delta REAL NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('pending', 'sent')),
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    tokens INTEGER,
+    trials INTEGER,
+    p REAL
 );
-CREATE INDEX IF NOT EXISTS charges_by_key ON charges (key);
+CREATE INDEX IF NOT EXISTS charges_by_key_p ON charges (key, p);
 """
+_MECHANISM_COLUMNS = (("tokens", "INTEGER"), ("trials", "INTEGER"), ("p", "REAL"))
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """A charge's worst case: `tokens` private tokens of `trials_per_token` Bernoulli(p) trials each."""
+
+    tokens: int
+    trials_per_token: int
+    p: float
 
 
 @dataclass(frozen=True)
 class Spent:
-    """What a key has spent so far (pending and sent charges together)."""
+    """What a key has spent so far (pending and sent charges together), epsilon composed at `delta`."""
 
     epsilon: float
     delta: float
     charges: int
+    private_tokens: int
 
 
 @dataclass(frozen=True)
 class Limits:
     per_prompt_epsilon: float | None
     total_epsilon: float | None
+    delta: float = DEFAULT_DELTA
+
+
+@dataclass(frozen=True)
+class PendingCharge:
+    """A charge whose send may or may not have completed."""
+
+    charge_id: str
+    epsilon: float
+    private_tokens: int | None
+    created: float
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class BudgetLedger:
-    """Per-key privacy limits and charges in one SQLite file; safe across processes."""
+    """Per-key privacy limits and charges; safe across processes; fails closed (see the module docstring)."""
 
     def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
+        self.limits_path = self.path.with_name(self.path.name + ".limits.json")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout
-        with self._transaction() as db:
+        self._lock = FileLock(str(self.path.with_name(self.path.name + ".lock")), timeout=timeout)
+        with self._lock:
+            self.ledger_id = self._open()
+
+    @staticmethod
+    def discard(path: str | Path) -> None:
+        """Delete a ledger and its limits on purpose (all spending history is lost); the next open starts empty."""
+        path = Path(path).expanduser()
+        for suffix in ("", "-wal", "-shm", ".limits.json"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+    # -- opening and failing closed ---------------------------------------------------------------
+
+    def _read_config(self) -> dict | None:
+        try:
+            config = json.loads(self.limits_path.read_text())
+            if not isinstance(config.get("ledger_id"), str) or not isinstance(config.get("keys"), dict):
+                raise ValueError("missing fields")
+            return config
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as exc:
+            raise LedgerError(f"the ledger's limits file {self.limits_path} is unreadable ({exc}); refusing to "
+                              f"send. Restore it, or BudgetLedger.discard() the ledger on purpose") from exc
+
+    def _write_config(self, config: dict) -> None:
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
+            json.dump(config, tmp, indent=2, sort_keys=True)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, self.limits_path)
+        _fsync_dir(self.path.parent)
+
+    def _open(self) -> str:
+        config = self._read_config()
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        if config is not None and not exists:
+            raise LedgerError(f"the ledger {self.path} vanished or is empty, but its limits file says it existed "
+                              f"(id {config['ledger_id']}); refusing to start over with no spending recorded. "
+                              f"Restore the file, or BudgetLedger.discard() it on purpose")
+        if config is None and self.path.exists() and self.path.stat().st_size == 0:
+            self.path.unlink()  # an empty file never held a charge
+            exists = False
+        with self._connect(check_exists=False) as db:
+            db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
                 db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(charges)")}
+            for name, kind in _MECHANISM_COLUMNS:  # ledgers written before composition: basic composition
+                if name not in columns:
+                    db.execute(f"ALTER TABLE charges ADD COLUMN {name} {kind}")
+            row = db.execute("SELECT ledger_id FROM meta").fetchone()
+            legacy = self._legacy_limits(db)
+            if row is None:
+                if exists and config is None and legacy is None and db.execute("SELECT 1 FROM charges").fetchone():
+                    db.execute("ROLLBACK")
+                    raise LedgerError(f"the ledger {self.path} has no id and no limits file; refusing to guess")
+                ledger_id = config["ledger_id"] if config and not exists else uuid.uuid4().hex
+                db.execute("INSERT INTO meta VALUES (?)", (ledger_id,))
+            else:
+                ledger_id = row[0]
+            if config is None:
+                if exists and row is not None:
+                    db.execute("ROLLBACK")
+                    raise LedgerError(f"the limits file {self.limits_path} of ledger {self.path} is missing; "
+                                      f"refusing to send without its limits. Restore it, or "
+                                      f"BudgetLedger.discard() the ledger on purpose")
+                self._write_config({"ledger_id": ledger_id, "keys": legacy or {}})
+            elif config["ledger_id"] != ledger_id:
+                db.execute("ROLLBACK")
+                raise LedgerError(f"the ledger {self.path} (id {ledger_id}) is not the one its limits file "
+                                  f"describes (id {config['ledger_id']}): it was replaced; refusing to send")
+            db.execute("COMMIT")
+        return ledger_id
+
+    @staticmethod
+    def _legacy_limits(db: sqlite3.Connection) -> dict | None:
+        """Limits kept inside the SQLite file by earlier versions, moved to the limits file once (None: no such table)."""
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'limits'").fetchone():
+            return None
+        rows = db.execute("SELECT key, per_prompt_epsilon, total_epsilon FROM limits").fetchall()
+        db.execute("DROP TABLE limits")
+        return {k: {"per_prompt_epsilon": pp, "total_epsilon": tot, "delta": DEFAULT_DELTA} for k, pp, tot in rows}
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+    def _connect(self, check_exists: bool = True) -> Iterator[sqlite3.Connection]:
+        if check_exists and not (self.path.exists() and self.path.stat().st_size > 0):
+            raise LedgerError(f"the ledger {self.path} vanished while in use; refusing to send")
+        try:
+            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the ledger {self.path}: {exc}") from exc
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            yield db
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise LedgerError(f"the ledger {self.path} is corrupt or unreadable ({exc}); refusing to send") from exc
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
+                row = db.execute("SELECT ledger_id FROM meta").fetchone()
+                if row is None or row[0] != self.ledger_id:
+                    raise LedgerError(f"the ledger {self.path} was replaced while in use; refusing to send")
                 yield db
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-        finally:
-            db.close()
 
-    def set_limits(self, key: str, *, per_prompt_epsilon: float | None = None, total_epsilon: float | None = None) -> None:
-        """Set a key's limits; None means unlimited."""
+    # -- limits -------------------------------------------------------------------------------------
+
+    def set_limits(self, key: str, *, per_prompt_epsilon: float | None = None, total_epsilon: float | None = None,
+                   delta: float = DEFAULT_DELTA) -> None:
+        """Set a key's limits (epsilons at `delta`); None means unlimited. Written atomically to the limits file."""
         for name, value in (("per_prompt_epsilon", per_prompt_epsilon), ("total_epsilon", total_epsilon)):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO limits VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                "per_prompt_epsilon = excluded.per_prompt_epsilon, total_epsilon = excluded.total_epsilon",
-                (key, per_prompt_epsilon, total_epsilon),
-            )
+        wanted = {"per_prompt_epsilon": per_prompt_epsilon, "total_epsilon": total_epsilon, "delta": delta}
+        with self._lock:
+            config = self._read_config()
+            if config is None or config["ledger_id"] != self.ledger_id:
+                raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+            if config["keys"].get(key) != wanted:
+                config["keys"][key] = wanted
+                self._write_config(config)
 
     def limits(self, key: str) -> Limits:
-        with self._transaction() as db:
-            row = db.execute("SELECT per_prompt_epsilon, total_epsilon FROM limits WHERE key = ?", (key,)).fetchone()
-        return Limits(*row) if row else Limits(None, None)
+        config = self._read_config()
+        if config is None or config["ledger_id"] != self.ledger_id:
+            raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+        entry = config["keys"].get(key)
+        return Limits(**entry) if entry else Limits(None, None)
+
+    # -- spending -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _spent(db: sqlite3.Connection, key: str) -> Spent:
-        eps, delta, count = db.execute(
-            "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0), COUNT(*) FROM charges WHERE key = ?", (key,)
-        ).fetchone()
-        return Spent(eps, delta, count)
+    def _groups(db: sqlite3.Connection, key: str,
+                extra: Mechanism | None = None) -> tuple[composition.Groups, float, float]:
+        """The key's charges as composition groups {p: trials}, plus the epsilon and delta of charges recorded
+        without a mechanism (composed by adding both)."""
+        totals: dict[float, int] = {}
+        for p, trials in db.execute("SELECT p, SUM(tokens * trials) FROM charges WHERE key = ? AND p IS NOT NULL "
+                                    "GROUP BY p", (key,)):
+            totals[p] = int(trials)
+        if extra is not None:
+            totals[extra.p] = totals.get(extra.p, 0) + extra.tokens * extra.trials_per_token
+        eps, delta = db.execute("SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM charges "
+                                "WHERE key = ? AND p IS NULL", (key,)).fetchone()
+        return composition.as_groups(totals), float(eps), float(delta)
 
     def spent(self, key: str) -> Spent:
+        """The key's composed epsilon at its limits' delta (pending and sent charges together); charges without a
+        mechanism add their epsilon and delta."""
+        delta = self.limits(key).delta
         with self._transaction() as db:
-            return self._spent(db, key)
+            groups, legacy_eps, legacy_delta = self._groups(db, key)
+            count, tokens = db.execute("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM charges WHERE key = ?",
+                                       (key,)).fetchone()
+        return Spent(composition.composed_epsilon(groups, delta) + legacy_eps, (delta if groups else 0.0) + legacy_delta,
+                     count, tokens)
 
-    def reserve(self, key: str, charge_id: str, epsilon: float, delta: float) -> None:
-        """Record a pending charge, or raise BudgetExceededError; a known charge_id is not charged again."""
+    def remaining(self, key: str) -> float | None:
+        """Epsilon left under the key's cumulative cap (None: no cap)."""
+        total = self.limits(key).total_epsilon
+        return None if total is None else max(0.0, total - self.spent(key).epsilon)
+
+    def reserve(self, key: str, charge_id: str, epsilon: float, delta: float, mechanism: Mechanism | None = None) -> None:
+        """Record a pending charge, or raise BudgetExceededError; a known charge_id is not charged again.
+
+        `mechanism` (the prompt's private tokens and worst case) lets the charge compose tightly; without it the
+        charge is added as `epsilon`.
+        """
+        limits = self.limits(key)
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM charges WHERE charge_id = ?", (charge_id,)).fetchone():
                 return
-            row = db.execute("SELECT per_prompt_epsilon, total_epsilon FROM limits WHERE key = ?", (key,)).fetchone()
-            limits = Limits(*row) if row else Limits(None, None)
             if limits.per_prompt_epsilon is not None and epsilon > limits.per_prompt_epsilon:
                 raise BudgetExceededError(
                     f"this prompt costs epsilon={epsilon:.4g}, over the per-prompt limit "
                     f"{limits.per_prompt_epsilon:.4g} for key {key!r}; nothing was sent"
                 )
-            spent = self._spent(db, key)
-            if limits.total_epsilon is not None and spent.epsilon + epsilon > limits.total_epsilon:
-                raise BudgetExceededError(
-                    f"this prompt costs epsilon={epsilon:.4g} but key {key!r} has "
-                    f"{limits.total_epsilon - spent.epsilon:.4g} of {limits.total_epsilon:.4g} left; nothing was sent"
-                )
-            db.execute(
-                "INSERT INTO charges VALUES (?, ?, ?, ?, 'pending', ?)", (charge_id, key, epsilon, delta, time.time())
-            )
+            if limits.total_epsilon is not None:
+                groups, legacy, _ = self._groups(db, key, mechanism)
+                added = epsilon if mechanism is None else 0.0
+                if not composition.fits(groups, limits.total_epsilon - legacy - added, limits.delta):
+                    spent = composition.composed_epsilon(self._groups(db, key)[0], limits.delta) + legacy
+                    raise BudgetExceededError(
+                        f"this prompt costs epsilon={epsilon:.4g} but key {key!r} has spent {spent:.4g} of "
+                        f"{limits.total_epsilon:.4g} (composed); nothing was sent"
+                    )
+            m = mechanism
+            db.execute("INSERT INTO charges VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                       (charge_id, key, epsilon, delta, time.time(), m and m.tokens, m and m.trials_per_token,
+                        m and m.p))
 
     def mark_sent(self, charge_id: str) -> None:
         """The payload reached the server: the charge is final."""
@@ -138,8 +320,21 @@ class BudgetLedger:
         with self._transaction() as db:
             db.execute("DELETE FROM charges WHERE charge_id = ? AND state = 'pending'", (charge_id,))
 
-    def pending(self, key: str) -> list[str]:
-        """Charges whose send may or may not have completed (a crash mid-send); they stay counted."""
+    def pending(self, key: str) -> list[PendingCharge]:
+        """Charges whose send may or may not have completed (a crash mid-send); they stay counted until settled."""
         with self._transaction() as db:
-            rows = db.execute("SELECT charge_id FROM charges WHERE key = ? AND state = 'pending'", (key,)).fetchall()
-        return [r[0] for r in rows]
+            rows = db.execute("SELECT charge_id, epsilon, tokens, created FROM charges WHERE key = ? AND "
+                              "state = 'pending' ORDER BY created", (key,)).fetchall()
+        return [PendingCharge(*row) for row in rows]
+
+    def settle(self, charge_id: str, *, sent: bool) -> None:
+        """Resolve a pending charge: `sent=True` keeps it (final), `sent=False` drops it (the app knows the
+        payload never left the device). Raises LedgerError if no such pending charge exists."""
+        with self._transaction() as db:
+            if not db.execute("SELECT 1 FROM charges WHERE charge_id = ? AND state = 'pending'",
+                              (charge_id,)).fetchone():
+                raise LedgerError(f"no pending charge {charge_id!r} in {self.path}")
+            if sent:
+                db.execute("UPDATE charges SET state = 'sent' WHERE charge_id = ?", (charge_id,))
+            else:
+                db.execute("DELETE FROM charges WHERE charge_id = ?", (charge_id,))

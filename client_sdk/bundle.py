@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.numpy import load, load_file
@@ -15,7 +17,9 @@ from tokenizers import Tokenizer
 
 from client_sdk.errors import BundleError
 from client_sdk.mechanism import MechanismParams
+from client_sdk.policy import PrivacyPolicy
 from client_sdk.schemas import BundleInfo, ProjectionInfo
+from client_sdk.spans import Message, Placeholders, TokenSpan, as_messages, token_spans
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("VEIL_CACHE_DIR", Path.home() / ".cache" / "veil"))
 
@@ -38,24 +42,68 @@ def load_projected_table(source: str | Path | bytes) -> np.ndarray:
     return table
 
 
+HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256(value: str, what: str) -> str:
+    """A bundle's hash, checked to be 64 lowercase hex characters before it names a file in the cache."""
+    if not HEX_SHA256.fullmatch(value):
+        raise BundleError(f"{what}: {value!r} is not a SHA-256 in hex")
+    return value
+
+
+def same_origin_url(base_url: httpx.URL, url: str, what: str) -> httpx.URL:
+    """`url` resolved against the server's URL; refused unless it stays on the server's own origin
+    (scheme, host and port), so the client's API key is never sent anywhere else."""
+    resolved = base_url.join(url)
+    if (resolved.scheme, resolved.host, resolved.port) != (base_url.scheme, base_url.host, base_url.port):
+        raise BundleError(f"{what}: the bundle points at {url!r}, outside the server's origin {base_url}; refusing")
+    return resolved
+
+
 def store_verified(cache_dir: Path, content: bytes, expected_sha256: str, what: str) -> Path:
-    """Check a downloaded file's hash and write it atomically into the content-addressed cache."""
+    """Check a downloaded file's hash and write it atomically and durably into the content-addressed cache."""
     actual = sha256_hex(content)
-    if actual != expected_sha256:
+    if actual != check_sha256(expected_sha256, what):
         raise BundleError(f"{what}: SHA-256 {actual} does not match the bundle's {expected_sha256}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / expected_sha256
     with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as tmp:
         tmp.write(content)
+        tmp.flush()
+        os.fsync(tmp.fileno())
     os.replace(tmp.name, path)
     return path
 
 
-def files_to_fetch(info: BundleInfo, cache_dir: Path) -> list[tuple[str, str, str]]:
-    """(url, sha256, description) of the bundle files not yet in the cache."""
+def cached_verified(cache_dir: Path, sha256: str) -> bytes | None:
+    """A cached file's bytes if present and still matching its hash; a corrupted one is removed (fetched again)."""
+    path = cache_dir / sha256
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if sha256_hex(content) != sha256:
+        path.unlink(missing_ok=True)
+        return None
+    return content
+
+
+def files_to_fetch(info: BundleInfo, base_url: httpx.URL, cache_dir: Path) -> list[tuple[httpx.URL, str, str]]:
+    """(url, sha256, description) of the bundle files not yet in the cache (or no longer matching their hash).
+
+    Every hash and URL is checked first: hashes are hex, URLs stay on the server's origin."""
     wanted = [(info.tokenizer_url, info.tokenizer_sha256, "tokenizer.json")]
     wanted += [(p.table_url, p.table_sha256, f"projected table {p.id}") for p in info.projections]
-    return [w for w in wanted if not (cache_dir / w[1]).exists()]
+    checked = [(same_origin_url(base_url, url, what), check_sha256(sha, what), what) for url, sha, what in wanted]
+    return [w for w in checked if cached_verified(cache_dir, w[1]) is None]
+
+
+def _verified(cache_dir: Path, sha256: str) -> bytes:
+    content = cached_verified(cache_dir, sha256)
+    if content is None:
+        raise BundleError(f"cached file {sha256} is missing or corrupt; fetch the bundle again")
+    return content
 
 
 @dataclass
@@ -74,11 +122,11 @@ class ClientBundle:
         for p in info.projections:
             if p.id != p.table_sha256[:16]:
                 raise BundleError(f"projection id {p.id} is not the prefix of its table hash {p.table_sha256}")
-            tables[p.id] = load_projected_table(cache_dir / p.table_sha256)
+            tables[p.id] = load_projected_table(_verified(cache_dir, p.table_sha256))
             if tables[p.id].shape != (info.vocab_size, p.dim):
                 raise BundleError(f"projected table {p.id} has shape {tables[p.id].shape}, "
                                   f"expected ({info.vocab_size}, {p.dim})")
-        tokenizer = Tokenizer.from_file(str(cache_dir / info.tokenizer_sha256))
+        tokenizer = Tokenizer.from_str(_verified(cache_dir, info.tokenizer_sha256).decode())
         template = None
         if info.chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -92,30 +140,26 @@ class ClientBundle:
                 return p
         raise BundleError(f"unknown projection {wanted!r}; the bundle offers {[p.id for p in self.info.projections]}")
 
-    def mechanism(self, *, mu: float | None = None, bits: int | None = None, projection_id: str | None = None) -> MechanismParams:
-        """Mechanism settings for this bundle; unspecified values come from the bundle's defaults."""
+    def mechanism(self, policy: PrivacyPolicy, *, mu: float | None = None, bits: int | None = None,
+                  projection_id: str | None = None, allow_looser_bundle: bool = False) -> MechanismParams:
+        """Mechanism settings for this bundle under the device's policy; the bundle's defaults are suggestions."""
         p = self.projection(projection_id)
-        return MechanismParams.from_mu(
-            mu if mu is not None else self.info.defaults.mu,
-            bits=bits if bits is not None else self.info.defaults.bits,
-            dim=p.dim,
-            clip=p.clip,
-        )
+        return policy.choose(dim=p.dim, clip=p.clip, bits=bits, mu=mu, suggested_bits=self.info.defaults.bits,
+                             suggested_mu=self.info.defaults.mu, allow_looser_suggestion=allow_looser_bundle)
 
-    def tokenize(self, prompt: str, chat: bool = True) -> np.ndarray:
-        """Token ids of the prompt, after the chat template when the bundle has one and `chat` is on."""
-        if chat and self._template is not None:
-            text = self._template.render(
-                messages=[{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                bos_token=self.info.bos_token or "",
-                eos_token=self.info.eos_token or "",
-            )
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        else:
-            ids = self.tokenizer.encode(prompt).ids
-        if not ids:
+    def spans(self, messages: list[Message], *, chat: bool = True,
+              placeholders: Placeholders | None = None) -> list[TokenSpan]:
+        """The prompt's public and private token spans, after the chat template when the bundle has one and
+        `chat` is on (see client_sdk.spans)."""
+        spans = token_spans(self.tokenizer, messages, template=self._template if chat else None,
+                            bos=self.info.bos_token or "", eos=self.info.eos_token or "", placeholders=placeholders)
+        total = sum(len(s.ids) for s in spans)
+        if total == 0:
             raise ValueError("the prompt tokenizes to nothing")
-        if len(ids) > self.info.max_prompt_tokens:
-            raise ValueError(f"the prompt is {len(ids)} tokens, over the server's limit of {self.info.max_prompt_tokens}")
-        return np.asarray(ids, dtype=np.int64)
+        if total > self.info.max_prompt_tokens:
+            raise ValueError(f"the prompt is {total} tokens, over the server's limit of {self.info.max_prompt_tokens}")
+        return spans
+
+    def tokenize(self, prompt: str | list[Message], chat: bool = True) -> np.ndarray:
+        """Token ids of the whole prompt, every span in order."""
+        return np.concatenate([s.ids for s in self.spans(as_messages(prompt), chat=chat)])

@@ -1,29 +1,42 @@
 """`PrivateLLMClient` and `AsyncPrivateLLMClient`: privatize on the device, generate on the server.
 
-Both share `_ClientCore`, which does everything but I/O: tokenizing, privatizing, accounting and
-charging the budget before any byte leaves, and reading the server's answers.
+Both share `_ClientCore`, which does everything but I/O: choosing the mechanism under the device's
+policy, splitting the prompt into public and private spans, privatizing, accounting and charging the
+ledger before any byte leaves, and reading the server's answers (restoring placeholders).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Generator, Iterator
+from typing import AsyncIterator, Generator, Iterator, Literal, Mapping, Sequence
 
 import httpx
+import platformdirs
+from httpx_sse import EventSource
 
-from client_sdk.accounting import DEFAULT_DELTA, PrivacyReport, privacy_report
-from client_sdk.budget import BudgetLedger
+from client_sdk import wire
+from client_sdk.accounting import PrivacyReport, privacy_report
+from client_sdk.budget import BudgetLedger, Mechanism
 from client_sdk.bundle import DEFAULT_CACHE_DIR, ClientBundle, files_to_fetch, sha256_hex, store_verified
-from client_sdk.errors import ServerError
+from client_sdk.errors import BudgetExceededError, BundleError, ServerError
 from client_sdk.mechanism import MechanismParams, secure_rng
-from client_sdk.privatize import privatize_tokens
+from client_sdk.policy import PrivacyPolicy
+from client_sdk.privatize import privatize_spans
 from client_sdk.schemas import BundleInfo, GenerateResponse
+from client_sdk.spans import Message, Placeholders, as_messages
+
+Prompt = str | Sequence[Message | Mapping]
+
+
+def default_ledger_path() -> Path:
+    """The ledger every client uses unless told otherwise: ledger.db in the user's data directory."""
+    return Path(platformdirs.user_data_dir("veil", appauthor=False)) / "ledger.db"
 
 
 class GenerationResult(GenerateResponse):
-    """A generation (the server's answer) and what it cost: the privacy spent and the bytes sent."""
+    """A generation (the server's answer, placeholders restored) and what it cost: privacy spent, bytes sent."""
 
     privacy: PrivacyReport
     bytes_sent: int
@@ -31,37 +44,20 @@ class GenerationResult(GenerateResponse):
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A privatized prompt ready to send, with its privacy cost."""
+    """A privatized prompt ready to send, with its privacy cost and the placeholders to restore in the answer."""
 
     payload: bytes
     params: MechanismParams
     report: PrivacyReport
+    placeholders: Placeholders = field(repr=False)
 
     @property
     def charge_id(self) -> str:
         return sha256_hex(self.payload)
 
-
-class _SSEParser:
-    """Server-Sent Events, one line at a time: yields (event, data) when an event ends."""
-
-    def __init__(self) -> None:
-        self.event, self.data = "message", []
-
-    def feed(self, line: str) -> tuple[str, str] | None:
-        if line == "":
-            if not self.data:
-                return None
-            done = (self.event, "\n".join(self.data))
-            self.event, self.data = "message", []
-            return done
-        field_name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field_name == "event":
-            self.event = value
-        elif field_name == "data":
-            self.data.append(value)
-        return None
+    @property
+    def mechanism(self) -> Mechanism:
+        return Mechanism(self.report.private_tokens, self.params.levels * self.params.dim, self.params.worst_case_p)
 
 
 class _ClientCore:
@@ -69,47 +65,66 @@ class _ClientCore:
         self,
         *,
         api_key: str | None,
+        policy: PrivacyPolicy | None,
         mu: float | None,
         bits: int | None,
         projection_id: str | None,
-        delta: float,
-        ledger: BudgetLedger | str | Path | None,
+        allow_looser_bundle: bool,
+        ledger: BudgetLedger | str | Path | Literal[False] | None,
         budget_key: str,
         cache_dir: str | Path | None,
         seed: int | None,
     ) -> None:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.mu, self.bits, self.projection_id, self.delta = mu, bits, projection_id, delta
-        self.ledger = BudgetLedger(ledger) if isinstance(ledger, (str, Path)) else ledger
+        self.policy = policy or PrivacyPolicy.default()
+        self.mu, self.bits, self.projection_id = mu, bits, projection_id
+        self.allow_looser_bundle = allow_looser_bundle
+        if ledger is None:
+            ledger = default_ledger_path()
+        self.ledger = BudgetLedger(ledger) if isinstance(ledger, (str, Path)) else (ledger or None)
         self.budget_key = budget_key
+        if self.ledger is not None:
+            self.ledger.set_limits(budget_key, per_prompt_epsilon=self.policy.epsilon_per_prompt,
+                                   total_epsilon=self.policy.epsilon_total, delta=self.policy.delta)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR / "files"
         self._rng = secure_rng(seed) if seed is not None else None  # None: fresh OS seed per call
 
-    def fetch_bundle(self) -> Generator[str, httpx.Response, ClientBundle]:
+    def fetch_bundle(self, base_url: httpx.URL) -> Generator[httpx.URL | str, httpx.Response, ClientBundle]:
         """Sans-I/O: yields each URL to GET, is sent its response, returns the verified bundle."""
         response = yield "/v1/bundle"
         self.check(response)
         info = BundleInfo.model_validate(response.json())
-        for url, sha, what in files_to_fetch(info, self.cache_dir):
+        if info.wire_version < wire.VERSION:
+            raise BundleError(f"the server speaks wire version {info.wire_version}; this client needs "
+                              f"{wire.VERSION} (public and private spans): upgrade the server")
+        for url, sha, what in files_to_fetch(info, base_url, self.cache_dir):
             response = yield url
             self.check(response)
             store_verified(self.cache_dir, response.content, sha, what)
         return ClientBundle.from_cache(info, self.cache_dir)
 
-    def prepare(self, bundle: ClientBundle, prompt: str, chat: bool) -> PreparedPrompt:
-        params = bundle.mechanism(mu=self.mu, bits=self.bits, projection_id=self.projection_id)
+    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool) -> PreparedPrompt:
+        params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
+                                  allow_looser_bundle=self.allow_looser_bundle)
         projection = bundle.projection(self.projection_id)
-        token_ids = bundle.tokenize(prompt, chat=chat)
-        payload = privatize_tokens(token_ids, bundle.tables[projection.id], params, projection.id, self._rng)
-        return PreparedPrompt(payload=payload, params=params, report=privacy_report(params, len(token_ids), self.delta))
+        placeholders = Placeholders()
+        spans = bundle.spans(as_messages(prompt), chat=chat, placeholders=placeholders)
+        payload = privatize_spans(spans, bundle.tables[projection.id], params, projection.id, self._rng)
+        report = privacy_report(params, payload.private_tokens, self.policy.delta, public_tokens=payload.public_tokens)
+        return PreparedPrompt(wire.encode(payload), params, report, placeholders)
 
     def charge(self, prepared: PreparedPrompt) -> None:
-        """Reserve the prompt's epsilon in the ledger; raises BudgetExceededError before anything is sent."""
-        if self.ledger is not None:
-            self.ledger.reserve(self.budget_key, prepared.charge_id, prepared.report.epsilon, prepared.report.delta)
+        """Check the policy's per-prompt cap and reserve the prompt's epsilon in the ledger; raises
+        BudgetExceededError before anything is sent. A prompt without private tokens costs nothing."""
+        report, cap = prepared.report, self.policy.epsilon_per_prompt
+        if cap is not None and report.epsilon > cap:
+            raise BudgetExceededError(f"this prompt costs epsilon={report.epsilon:.4g} ({report.private_tokens} "
+                                      f"private tokens), over the policy's per-prompt cap {cap:.4g}; nothing was sent")
+        if self.ledger is not None and report.private_tokens:
+            self.ledger.reserve(self.budget_key, prepared.charge_id, report.epsilon, report.delta, prepared.mechanism)
 
     def settle(self, prepared: PreparedPrompt, sent: bool) -> None:
-        if self.ledger is None:
+        if self.ledger is None or not prepared.report.private_tokens:
             return
         if sent:
             self.ledger.mark_sent(prepared.charge_id)
@@ -144,6 +159,7 @@ class _ClientCore:
     @staticmethod
     def result(body: dict, prepared: PreparedPrompt) -> GenerationResult:
         answer = GenerateResponse.model_validate(body)
+        answer.text = prepared.placeholders.restore(answer.text)
         return GenerationResult(**answer.model_dump(), privacy=prepared.report, bytes_sent=len(prepared.payload))
 
     @staticmethod
@@ -158,7 +174,8 @@ class _ClientCore:
 
 
 class GenerationStream:
-    """Iterate to get text chunks as the server generates them; `result` is set once it ends."""
+    """Iterate to get text chunks as the server generates them (placeholders restored, also when one is split
+    across chunks); `result` is set once it ends."""
 
     def __init__(self, chunks: Iterator[str]) -> None:
         self._chunks = chunks
@@ -171,7 +188,7 @@ class GenerationStream:
 class AsyncGenerationStream:
     """Async twin of `GenerationStream`."""
 
-    def __init__(self, chunks: AsyncIterator[str]) -> None:
+    def __init__(self, chunks: AsyncIterator[str] | None = None) -> None:
         self._chunks = chunks
         self.result: GenerationResult | None = None
 
@@ -181,10 +198,16 @@ class AsyncGenerationStream:
 
 _COMMON_DOC = """
     base_url: the server, e.g. "http://127.0.0.1:8000".
-    mu, bits, projection_id: mechanism settings (per-token CLT mu); default: the bundle's defaults.
-    delta: the delta at which epsilon is reported and charged.
-    ledger: a BudgetLedger (or a path to one); sends that would exceed its limits are refused.
+    policy: the device's PrivacyPolicy (default: PrivacyPolicy.default()); mu is derived from it.
+    mu, bits, projection_id: explicit settings (they must fit the policy); by default the bundle's
+        suggestion if it fits the policy, else PolicyError.
+    allow_looser_bundle: when the server suggests looser settings than the policy, use the policy's own mu
+        instead of raising PolicyError.
+    ledger: a BudgetLedger or a path; None (default) is the persistent ledger in the user's data directory
+        (`default_ledger_path()`); False turns the ledger off. The policy's caps are its limits for budget_key.
     seed: only for tests; by default every call draws a fresh seed from the OS's secure source.
+    A prompt is a string (one user message, private throughout) or a list of messages
+    ({"role", "content", "public"?} dicts or Message), whose content may be parts (client_sdk.spans).
 """
 
 
@@ -196,27 +219,37 @@ class PrivateLLMClient:
         base_url: str,
         *,
         api_key: str | None = None,
+        policy: PrivacyPolicy | None = None,
         mu: float | None = None,
         bits: int | None = None,
         projection_id: str | None = None,
-        delta: float = DEFAULT_DELTA,
-        ledger: BudgetLedger | str | Path | None = None,
+        allow_looser_bundle: bool = False,
+        ledger: BudgetLedger | str | Path | Literal[False] | None = None,
         budget_key: str = "default",
         cache_dir: str | Path | None = None,
         seed: int | None = None,
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._core = _ClientCore(api_key=api_key, mu=mu, bits=bits, projection_id=projection_id, delta=delta,
-                                 ledger=ledger, budget_key=budget_key, cache_dir=cache_dir, seed=seed)
+        self._core = _ClientCore(api_key=api_key, policy=policy, mu=mu, bits=bits, projection_id=projection_id,
+                                 allow_looser_bundle=allow_looser_bundle, ledger=ledger, budget_key=budget_key,
+                                 cache_dir=cache_dir, seed=seed)
         self._http = httpx.Client(base_url=base_url, headers=self._core.headers, timeout=timeout, transport=transport)
         self._bundle: ClientBundle | None = None
+
+    @property
+    def ledger(self) -> BudgetLedger | None:
+        return self._core.ledger
+
+    @property
+    def policy(self) -> PrivacyPolicy:
+        return self._core.policy
 
     @property
     def bundle(self) -> ClientBundle:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
-            steps = self._core.fetch_bundle()
+            steps = self._core.fetch_bundle(self._http.base_url)
             url = next(steps)
             while self._bundle is None:
                 try:
@@ -225,13 +258,13 @@ class PrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    def prepare(self, prompt: str, *, chat: bool = True) -> PreparedPrompt:
+    def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
         return self._core.prepare(self.bundle, prompt, chat)
 
     def generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -262,17 +295,16 @@ class PrivateLLMClient:
         out = GenerationStream(iter(()))
 
         def chunks() -> Iterator[str]:
-            parser = _SSEParser()
+            restorer = prepared.placeholders.stream_restorer()
             try:
-                for line in response.iter_lines():
-                    event = parser.feed(line)
-                    if event is None:
-                        continue
-                    text, final = self._core.stream_event(*event)
+                for sse in EventSource(response).iter_sse():
+                    text, final = self._core.stream_event(sse.event, sse.data)
                     if final is not None:
                         out.result = self._core.result(final, prepared)
-                    elif text:
-                        yield text
+                    elif text and (restored := restorer.feed(text)):
+                        yield restored
+                if tail := restorer.flush():
+                    yield tail
             finally:
                 response.close()
 
@@ -297,27 +329,37 @@ class AsyncPrivateLLMClient:
         base_url: str,
         *,
         api_key: str | None = None,
+        policy: PrivacyPolicy | None = None,
         mu: float | None = None,
         bits: int | None = None,
         projection_id: str | None = None,
-        delta: float = DEFAULT_DELTA,
-        ledger: BudgetLedger | str | Path | None = None,
+        allow_looser_bundle: bool = False,
+        ledger: BudgetLedger | str | Path | Literal[False] | None = None,
         budget_key: str = "default",
         cache_dir: str | Path | None = None,
         seed: int | None = None,
         timeout: float = 120.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._core = _ClientCore(api_key=api_key, mu=mu, bits=bits, projection_id=projection_id, delta=delta,
-                                 ledger=ledger, budget_key=budget_key, cache_dir=cache_dir, seed=seed)
+        self._core = _ClientCore(api_key=api_key, policy=policy, mu=mu, bits=bits, projection_id=projection_id,
+                                 allow_looser_bundle=allow_looser_bundle, ledger=ledger, budget_key=budget_key,
+                                 cache_dir=cache_dir, seed=seed)
         self._http = httpx.AsyncClient(base_url=base_url, headers=self._core.headers, timeout=timeout,
                                        transport=transport)
         self._bundle: ClientBundle | None = None
 
+    @property
+    def ledger(self) -> BudgetLedger | None:
+        return self._core.ledger
+
+    @property
+    def policy(self) -> PrivacyPolicy:
+        return self._core.policy
+
     async def get_bundle(self) -> ClientBundle:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
-            steps = self._core.fetch_bundle()
+            steps = self._core.fetch_bundle(self._http.base_url)
             url = next(steps)
             while self._bundle is None:
                 try:
@@ -326,13 +368,13 @@ class AsyncPrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    async def prepare(self, prompt: str, *, chat: bool = True) -> PreparedPrompt:
+    async def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
         return self._core.prepare(await self.get_bundle(), prompt, chat)
 
     async def generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -360,20 +402,19 @@ class AsyncPrivateLLMClient:
             await response.aread()
             await response.aclose()
             self._core.check(response)
-        out = AsyncGenerationStream(None)  # type: ignore[arg-type]
+        out = AsyncGenerationStream()
 
         async def chunks() -> AsyncIterator[str]:
-            parser = _SSEParser()
+            restorer = prepared.placeholders.stream_restorer()
             try:
-                async for line in response.aiter_lines():
-                    event = parser.feed(line)
-                    if event is None:
-                        continue
-                    text, final = self._core.stream_event(*event)
+                async for sse in EventSource(response).aiter_sse():
+                    text, final = self._core.stream_event(sse.event, sse.data)
                     if final is not None:
                         out.result = self._core.result(final, prepared)
-                    elif text:
-                        yield text
+                    elif text and (restored := restorer.feed(text)):
+                        yield restored
+                if tail := restorer.flush():
+                    yield tail
             finally:
                 await response.aclose()
 

@@ -24,3 +24,11 @@ class ServerError(VeilError):
         super().__init__(f"server returned {status_code}: {detail}")
         self.status_code = status_code
         self.detail = detail
+
+
+class PolicyError(VeilError):
+    """The settings asked for (by the server's bundle or the app) are looser than the device's privacy policy."""
+
+
+class LedgerError(VeilError):
+    """The budget ledger cannot be trusted: its file vanished, was replaced, or is corrupt. Nothing was sent."""

@@ -14,6 +14,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from app.model_runner import ModelRunner
+from client_sdk.policy import PrivacyPolicy
+
+PERMISSIVE = PrivacyPolicy(epsilon_per_token=1e9)
+"""A policy that allows any mu, for tests of the server's behaviour at loose settings."""
 
 WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "the", "capital", "of", "france", "is",
          "paris", "a", "city", "and", "river", "hello", "world", "what", "?", "."]
@@ -80,7 +84,14 @@ def settings(tmp_path: Path):
 
     return ServerSettings(cache_dir=tmp_path / "cache", soft_prompt_dir=tmp_path / "soft_prompts",
                           projection_dir=tmp_path / "projections", data_dir=tmp_path / "data",
-                          projection_dim=8, clip=2.0, default_mu=20.0, max_prompt_tokens=64, max_new_tokens=32)
+                          projection_dim=8, clip=2.0, default_mu=4.0, max_prompt_tokens=64, max_new_tokens=32)
+
+
+@pytest.fixture(autouse=True)
+def private_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's default client ledger (platformdirs' user data directory) lives in its own temporary folder."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    return tmp_path / "xdg-data"
 
 
 @pytest.fixture

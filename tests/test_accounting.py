@@ -1,11 +1,11 @@
-"""Accounting checked against closed forms, brute-force sums over every outcome, and dp-accounting."""
+"""Accounting checked against closed forms, brute force, dp-accounting, and the reference values."""
 
 import json
 import math
 
 import numpy as np
 import pytest
-from scipy import optimize, special, stats
+from scipy import special, stats
 from typer.testing import CliRunner
 
 from client_sdk.accounting import binomial, gdp, pld, privacy_report
@@ -21,28 +21,59 @@ def worst_case(params: MechanismParams) -> tuple[int, float]:
     return params.levels * params.dim, params.worst_case_p
 
 
-def brute_force_epsilon(trials: int, p: float, delta: float) -> float:
-    """epsilon(delta) of Bin(trials, p) vs Bin(trials, 1-p) by summing the hockey stick over every outcome and
-    solving for epsilon with a root finder: independent of the tail windows and threshold search under test."""
-    x = np.arange(trials + 1)
-    log_p, log_q = stats.binom.logpmf(x, trials, p), stats.binom.logpmf(x, trials, 1 - p)
+def brute_force_epsilon(groups: list[tuple[int, float]], delta: float) -> float:
+    """Independent exact epsilon(delta) of independent Bin(n_g, p_g) vs Bin(n_g, 1 - p_g), by enumeration.
 
-    def log_delta(eps: float) -> float:
-        gap = log_p - (eps + log_q)
-        positive = gap > 0
-        return float(special.logsumexp(log_p[positive] + np.log(-np.expm1(-gap[positive])))) \
-            if positive.any() else -math.inf
+    Over every joint outcome o, delta(eps) = sum_o max(0, P(o) - e^eps Q(o)); the loss of o is additive over
+    groups, log(p_g / (1 - p_g)) * (2 x_g - n_g). Epsilon by bisection on the monotone delta(eps).
+    """
+    loss, prob = np.zeros(1), np.ones(1)
+    for n, p in groups:
+        x = np.arange(n + 1)
+        r = math.log(p / (1 - p))
+        loss = (loss[:, None] + (2 * x - n) * r).ravel()
+        prob = (prob[:, None] * stats.binom.pmf(x, n, p)).ravel()
 
-    upper = float(np.max(log_p - log_q))
-    return optimize.brentq(lambda eps: log_delta(eps) - math.log(delta), 0.0, upper, xtol=1e-10)
+    def delta_at(eps: float) -> float:
+        return float(np.sum(prob * -np.expm1(np.minimum(eps - loss, 0.0))))
+
+    lo, hi = 0.0, float(loss.max())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if delta_at(mid) <= delta else (mid, hi)
+    return hi
 
 
-@pytest.mark.parametrize(("mu", "tokens"), [(1.0, 1), (1.0, 64), (5.0, 1), (20.0, 8)])
-def test_epsilon_matches_a_brute_force_computation(mu: float, tokens: int) -> None:
+@pytest.mark.parametrize(("mu", "tokens"), [(1.0, 1), (1.0, 64), (5.0, 1)])
+def test_report_matches_brute_force(mu: float, tokens: int) -> None:
     params = paper_setting(mu)
     trials, p = worst_case(params)
     report = privacy_report(params, tokens=tokens, delta=1e-5)
-    assert report.epsilon == pytest.approx(brute_force_epsilon(tokens * trials, p, 1e-5), rel=1e-7)
+    assert report.epsilon == pytest.approx(brute_force_epsilon([(tokens * trials, p)], 1e-5), rel=1e-6)
+
+
+@pytest.mark.parametrize("mus", [(4.0,), (4.0, 4.0), (2.0, 4.0), (1.0, 3.0, 6.0)])
+def test_the_cumulative_accountant_is_never_below_the_exact_composition(mus: tuple[float, ...]) -> None:
+    """A key's charges (3 prompts per mechanism, small k so enumeration is exact) against brute force."""
+    from client_sdk.accounting import composition
+
+    charges = []
+    for i, mu in enumerate(mus):
+        params = MechanismParams.from_mu(mu, bits=2, dim=4 + i, clip=1.0)
+        charges += [(tokens * params.levels * params.dim, params.worst_case_p) for tokens in (1, 2, 3)]
+    totals: dict[float, int] = {}
+    for trials, p in charges:
+        totals[p] = totals.get(p, 0) + trials
+    accountant = composition.composed_epsilon(composition.as_groups(totals), 1e-5)
+    exact = brute_force_epsilon([(n, p) for p, n in totals.items()], 1e-5)
+    assert accountant >= exact - 1e-9
+    assert accountant <= exact * 1.02 + 0.05  # and tight: far below adding the charges' epsilons
+    added = sum(brute_force_epsilon([charge], 1e-5) for charge in charges)
+    assert accountant < added
+    p_max, trials = composition.dominating_group(composition.as_groups(totals))
+    assert binomial.epsilon_for_delta(trials, p_max, 1e-5) >= exact - 1e-9  # the bound for large ledgers
+    assert composition.fits(composition.as_groups(totals), accountant + 1e-6, 1e-5)
+    assert not composition.fits(composition.as_groups(totals), exact * 0.99, 1e-5)
 
 
 def test_one_trial_is_randomized_response() -> None:
@@ -136,8 +167,8 @@ def test_report_and_cli_json() -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     trials, p = worst_case(paper_setting(1.0))
-    assert report["epsilon"] == pytest.approx(brute_force_epsilon(64 * trials, p, 1e-5), rel=1e-7)
-    assert report["epsilon_per_token"] == pytest.approx(brute_force_epsilon(trials, p, 1e-5), rel=1e-7)
+    assert report["epsilon"] == pytest.approx(brute_force_epsilon([(64 * trials, p)], 1e-5), rel=1e-6)
+    assert report["epsilon_per_token"] == pytest.approx(brute_force_epsilon([(trials, p)], 1e-5), rel=1e-6)
     assert report["mu_clt"] == pytest.approx(1.0, rel=1e-6) and 0 < report["gamma"] < 0.05
     assert report["A"] == pytest.approx(0.05 * math.sqrt(4 * 15 * 128 + 1), rel=1e-6)
     assert report["bits_sent"] == 4 * 128 * 64

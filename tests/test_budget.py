@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client_sdk.budget import BudgetLedger
-from client_sdk.errors import BudgetExceededError
+from client_sdk.errors import BudgetExceededError, LedgerError
 
 
 def test_per_prompt_and_total_limits(tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ def test_per_prompt_and_total_limits(tmp_path: Path) -> None:
         ledger.reserve("alice", "big", 11.0, 1e-5)
     ledger.reserve("alice", "a", 10.0, 1e-5)
     ledger.reserve("alice", "b", 10.0, 1e-5)
-    with pytest.raises(BudgetExceededError, match="left"):
+    with pytest.raises(BudgetExceededError, match="spent 20 of 25"):
         ledger.reserve("alice", "c", 10.0, 1e-5)
     ledger.reserve("alice", "d", 5.0, 1e-5)
     spent = ledger.spent("alice")
@@ -43,8 +43,47 @@ def test_same_payload_is_charged_once_and_release_drops_only_pending(tmp_path: P
     assert ledger.spent("k").epsilon == 3.0 and ledger.pending("k") == []
 
 
-def _spend(path: str, worker: int, attempts: int, queue: "multiprocessing.Queue[int]") -> None:
+def test_pending_charges_are_listed_and_settled(tmp_path: Path) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    ledger.reserve("k", "crashed-a", 2.0, 1e-5)
+    ledger.reserve("k", "crashed-b", 3.0, 1e-5)
+    assert [(c.charge_id, c.epsilon) for c in ledger.pending("k")] == [("crashed-a", 2.0), ("crashed-b", 3.0)]
+    ledger.settle("crashed-a", sent=True)  # the app learned it reached the server: final
+    ledger.settle("crashed-b", sent=False)  # the app knows it never left: dropped
+    assert ledger.pending("k") == [] and ledger.spent("k").epsilon == 2.0
+    with pytest.raises(LedgerError, match="no pending charge"):
+        ledger.settle("crashed-a", sent=False)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "corrupt", "replace"])
+def test_a_damaged_ledger_with_limits_fails_closed(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "ledger.db"
     ledger = BudgetLedger(path)
+    ledger.set_limits("k", total_epsilon=100.0)
+    ledger.reserve("k", "a", 50.0, 1e-5)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(b"")
+    elif damage == "corrupt":
+        path.write_bytes(b"not a database" * 512)
+    else:
+        path.unlink()
+        BudgetLedger(tmp_path / "other.db").reserve("k", "x", 1.0, 1e-5)
+        (tmp_path / "other.db").rename(path)
+    with pytest.raises(LedgerError):
+        ledger.reserve("k", "b", 60.0, 1e-5)  # the open ledger object refuses
+    with pytest.raises(LedgerError):
+        BudgetLedger(path)  # and so does a fresh one
+    BudgetLedger.discard(path)  # the app says so: start over
+    assert BudgetLedger(path).spent("k").charges == 0
+
+
+def _spend(path: str, worker: int, attempts: int, queue: "multiprocessing.Queue[int]", barrier) -> None:
+    ledger = BudgetLedger(path)
+    barrier.wait(timeout=60)  # both processes start charging at the same moment
     accepted = 0
     for i in range(attempts):
         try:
@@ -59,8 +98,8 @@ def test_two_processes_never_overspend(tmp_path: Path) -> None:
     path = str(tmp_path / "ledger.db")
     BudgetLedger(path).set_limits("shared", total_epsilon=50.0)
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    workers = [ctx.Process(target=_spend, args=(path, w, 40, queue)) for w in range(2)]
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    workers = [ctx.Process(target=_spend, args=(path, w, 40, queue, barrier)) for w in range(2)]
     for w in workers:
         w.start()
     accepted = [queue.get(timeout=60) for _ in workers]
@@ -89,6 +128,6 @@ def test_a_crash_mid_send_keeps_the_charge_counted_once(tmp_path: Path) -> None:
     proc.wait(timeout=10)
 
     ledger = BudgetLedger(path)
-    assert ledger.pending("k") == ["in-flight"] and ledger.spent("k").epsilon == 4.0
+    assert [c.charge_id for c in ledger.pending("k")] == ["in-flight"] and ledger.spent("k").epsilon == 4.0
     ledger.reserve("k", "in-flight", 4.0, 1e-5)  # the retry of the same bytes after restart
     assert ledger.spent("k").epsilon == 4.0

@@ -10,22 +10,30 @@ import pytest
 from safetensors.numpy import save
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger, BundleError, PrivateLLMClient,
-                        ServerError, wire)
+from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger, BundleError, Part, PolicyError,
+                        PrivacyPolicy, PrivateLLMClient, ServerError, default_ledger_path, markup, privacy_report,
+                        wire)
 from client_sdk.bundle import sha256_hex
+from client_sdk.mechanism import MechanismParams
+from client_sdk.policy import epsilon_per_token
 from client_sdk.schemas import BundleInfo, GenerateResponse, MechanismDefaults, ProjectionInfo
 
-WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "the", "capital", "of", "france", "is", "paris"]
+WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "the", "capital", "of", "france",
+         "is", "paris", "[", "]", "PERSON_1", "CITY_1", "hello"]
 TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
             "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-DIM = 16
+DIM, CLIP = 16, 0.05
+ID = {w: i for i, w in enumerate(WORDS)}
+# The policy of these tests: exactly the per-token epsilon of the fake server's suggested mu = 5.
+POLICY = PrivacyPolicy(epsilon_per_token=epsilon_per_token(MechanismParams.from_mu(5.0, bits=4, dim=DIM, clip=CLIP),
+                                                           1e-5))
 
 
 class FakeServer:
     """Serves a bundle built from a random matrix and answers /v1/generate by decoding the payload."""
 
     def __init__(self) -> None:
-        tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+        tokenizer = Tokenizer(models.WordLevel(ID, unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
         tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
         self.tokenizer_bytes = tokenizer.to_str().encode()
@@ -36,10 +44,12 @@ class FakeServer:
             model_id="fake", vocab_size=len(WORDS), hidden_size=64, wire_version=wire.VERSION, max_prompt_tokens=64,
             tokenizer_url="/v1/bundle/tokenizer.json", tokenizer_sha256=sha256_hex(self.tokenizer_bytes),
             chat_template=TEMPLATE,
-            projections=[ProjectionInfo(id=pid, dim=DIM, clip=0.05, table_url=f"/v1/bundle/projections/{pid}",
+            projections=[ProjectionInfo(id=pid, dim=DIM, clip=CLIP, table_url=f"/v1/bundle/projections/{pid}",
                                         table_sha256=sha256_hex(self.table_bytes))],
             defaults=MechanismDefaults(projection_id=pid, bits=4, mu=5.0),
         )
+        self.decode_dim = DIM
+        self.chunks = ["par", "is"]
         self.requests: list[httpx.Request] = []
         self.received: list[wire.Payload] = []
 
@@ -54,14 +64,16 @@ class FakeServer:
             return httpx.Response(200, content=self.table_bytes)
         if path == "/v1/generate":
             try:
-                payload = wire.decode(request.content, projections={self.info.projections[0].id: DIM})
+                payload = wire.decode(request.content, projections={self.info.projections[0].id: self.decode_dim},
+                                      vocab_size=len(WORDS))
             except wire.WireFormatError as err:
                 return httpx.Response(400, json={"error": "bad_payload", "detail": str(err)})
             self.received.append(payload)
-            answer = GenerateResponse(text="paris", prompt_tokens=payload.tokens, completion_tokens=1, timings={})
+            text = "".join(self.chunks)
+            answer = GenerateResponse(text=text, prompt_tokens=payload.tokens, completion_tokens=1, timings={})
             if request.url.params.get("stream") == "true":
-                body = (f"data: {json.dumps({'text': 'par'})}\n\ndata: {json.dumps({'text': 'is'})}\n\n"
-                        f"event: done\ndata: {answer.model_dump_json()}\n\n")
+                body = "".join(f"data: {json.dumps({'text': c})}\n\n" for c in self.chunks)
+                body += f"event: done\ndata: {answer.model_dump_json()}\n\n"
                 return httpx.Response(200, content=body.encode(), headers={"Content-Type": "text/event-stream"})
             return httpx.Response(200, json=answer.model_dump())
         return httpx.Response(404, json={"error": "not_found", "detail": path})
@@ -76,81 +88,197 @@ def server() -> FakeServer:
 
 
 def make_client(server: FakeServer, tmp_path: Path, **kwargs: object) -> PrivateLLMClient:
+    kwargs = {"policy": POLICY, "ledger": tmp_path / "ledger.db", **kwargs}
     return PrivateLLMClient("http://fake", transport=httpx.MockTransport(server.handle),
                             cache_dir=tmp_path / "cache", **kwargs)
 
 
-def test_generate_sends_exactly_the_codec_bytes_and_reports_privacy(server: FakeServer, tmp_path: Path) -> None:
-    with make_client(server, tmp_path, mu=5.0, bits=4) as client:
+def test_the_template_is_public_the_message_private_and_only_private_tokens_are_charged(server, tmp_path) -> None:
+    with make_client(server, tmp_path) as client:
         result = client.generate("the capital of france is", max_new_tokens=5)
+        spent = client.ledger.spent("default")
     sent = server.generate_requests()[0]
-    payload = server.received[0]
-    # the chat template wraps the prompt: im_start user the capital of france is im_end im_start assistant
-    assert payload.tokens == 10
-    assert len(sent.content) == result.bytes_sent == wire.payload_size(10, DIM, 4)
+    payload = wire.decode(sent.content, vocab_size=len(WORDS))
+    # <|im_start|> user | the capital of france is | <|im_end|> <|im_start|> assistant
+    assert [(s.private, s.length) for s in payload.spans] == [(False, 2), (True, 5), (False, 3)]
+    assert payload.public_ids.tolist() == [ID["<|im_start|>"], ID["user"], ID["<|im_end|>"], ID["<|im_start|>"],
+                                           ID["assistant"]]
+    assert len(sent.content) == result.bytes_sent == wire.payload_size(5, DIM, 4, public=5, spans=3)
     assert sent.headers["content-type"] == "application/octet-stream"
-    assert result.text == "paris" and result.privacy.tokens == 10
-    assert result.privacy.epsilon > result.privacy.epsilon_per_token > 0
-    assert payload.params.mu_clt == pytest.approx(5.0, rel=1e-6)
-    assert sent.url.params["max_new_tokens"] == "5"
+    assert (result.privacy.private_tokens, result.privacy.public_tokens) == (5, 5)
+    assert result.privacy.epsilon == pytest.approx(privacy_report(payload.params, 5).epsilon)
+    assert spent.epsilon == pytest.approx(result.privacy.epsilon) and spent.private_tokens == 5
+    assert payload.params.mu_clt == pytest.approx(5.0, rel=1e-6)  # the suggestion fits the policy: used
 
 
-def test_bundle_files_are_cached_by_hash(server: FakeServer, tmp_path: Path) -> None:
+def test_public_spans_are_sent_in_the_clear_and_never_charged(server, tmp_path) -> None:
+    with make_client(server, tmp_path) as client:
+        public = client.generate([{"role": "user", "content": "the capital of france is", "public": True}])
+        assert client.ledger.spent("default").charges == 0 and public.privacy.epsilon == 0
+        selective = client.generate([{"role": "user", "content": markup("the capital of [[france]] is")}])
+        spent = client.ledger.spent("default")
+    payloads = [wire.decode(r.content) for r in server.generate_requests()]
+    assert payloads[0].private_tokens == 0 and ID["france"] in payloads[0].public_ids
+    assert payloads[1].private_tokens == 1 and ID["france"] not in payloads[1].public_ids
+    assert ID["capital"] in payloads[1].public_ids
+    assert selective.privacy.epsilon == pytest.approx(selective.privacy.epsilon_per_token)
+    assert spent.charges == 1 and spent.epsilon == pytest.approx(selective.privacy.epsilon_per_token)
+
+
+def test_private_spans_are_never_sent_in_the_clear(server, tmp_path) -> None:
+    secret = ["france", "paris"]
+    content = [("the capital of", False), ("france", True), ("is", False), ("paris", True)]
+    with make_client(server, tmp_path) as client:
+        client.generate([{"role": "user", "content": content}])
+    body = server.generate_requests()[0].content
+    payload = wire.decode(body)
+    assert payload.private_tokens == 2 and not set(payload.public_ids.tolist()) & {ID[w] for w in secret}
+    assert [s.private for s in payload.spans] == [False, True, False, True, False]
+    # the private spans are levels: n bits per coordinate, nothing else
+    assert payload.levels.shape == (2, DIM) and payload.levels.max() <= payload.params.levels
+
+
+def test_placeholders_never_leave_the_device_and_are_restored(server, tmp_path) -> None:
+    server.chunks = ["hello [PER", "SON_1] is in [", "CITY_1", "]"]
+    parts = [Part("paris", "placeholder", "PERSON"), ("is in", False), Part("france", "placeholder", "CITY")]
+    with make_client(server, tmp_path) as client:
+        plain = client.generate([{"role": "user", "content": parts}])
+        stream = client.generate([{"role": "user", "content": parts}], stream=True)
+        chunks = list(stream)
+        assert client.ledger.spent("default").charges == 0  # placeholders are public: nothing charged
+    for request in server.generate_requests():
+        payload = wire.decode(request.content)
+        assert payload.private_tokens == 0
+        assert not {ID["paris"], ID["france"]} & set(payload.public_ids.tolist())
+        assert {ID["PERSON_1"], ID["CITY_1"], ID["["]} <= set(payload.public_ids.tolist())
+    assert plain.text == "hello paris is in france" == "".join(chunks) == stream.result.text
+    assert all("[" not in c for c in chunks)  # a placeholder split across chunks is held back, then restored
+
+
+def test_multi_turn_messages_round_trip(server, tmp_path) -> None:
+    messages = [{"role": "system", "content": "hello", "public": True},
+                {"role": "user", "content": "the capital of france is"},
+                {"role": "assistant", "content": "paris"},
+                {"role": "user", "content": [("the capital", False), ("of france", True)]}]
+    with make_client(server, tmp_path) as client:
+        result = client.generate(messages)
+        expected = client.bundle.tokenize(messages).tolist()
+    payload = server.received[0]
+    rebuilt, private_positions = [], []
+    for span, data in payload.segments():
+        if span.private:
+            private_positions += range(len(rebuilt), len(rebuilt) + span.length)
+            rebuilt += [None] * span.length
+        else:
+            rebuilt += data.tolist()
+    assert len(rebuilt) == len(expected) == payload.tokens
+    assert all(r == e for r, e in zip(rebuilt, expected) if r is not None)
+    assert [expected[i] for i in private_positions] == [ID[w] for w in "the capital of france is paris of france".split()]
+    assert result.privacy.private_tokens == 8 and ID["system"] in payload.public_ids
+
+
+def test_a_looser_server_suggestion_is_refused(server, tmp_path) -> None:
+    server.info.defaults.mu = 50.0
+    with pytest.raises(PolicyError, match="looser"):
+        make_client(server, tmp_path).generate("paris")
+    assert server.generate_requests() == []
+    with pytest.raises(PolicyError):
+        make_client(server, tmp_path, mu=6.0).generate("paris")  # the app's own mu must fit too
+    with make_client(server, tmp_path, allow_looser_bundle=True) as client:
+        result = client.generate("paris")
+    assert result.privacy.mu_clt <= 5.0 + 1e-6 and result.privacy.epsilon_per_token <= POLICY.epsilon_per_token
+
+
+def test_the_default_ledger_exists_after_the_first_call_and_survives_a_restart(server, tmp_path) -> None:
+    path = default_ledger_path()
+    assert str(path).startswith(str(tmp_path)) and not path.exists()  # the autouse fixture isolates it
+    with make_client(server, tmp_path, ledger=None) as client:
+        first = client.generate("the capital of france is")
+    assert path.exists()
+    with make_client(server, tmp_path, ledger=None) as client:  # a restart: a new client, a new ledger object
+        assert client.ledger.spent("default").epsilon == pytest.approx(first.privacy.epsilon)
+    assert BudgetLedger(path).limits("default").total_epsilon == POLICY.epsilon_total
+
+
+def test_bundle_files_are_cached_by_hash_and_reverified(server, tmp_path) -> None:
     make_client(server, tmp_path).bundle
     downloads = len(server.requests)
     make_client(server, tmp_path).bundle
     assert len(server.requests) == downloads + 1  # only the metadata again
+    (tmp_path / "cache" / server.info.projections[0].table_sha256).write_bytes(b"tampered")
+    make_client(server, tmp_path).bundle
+    assert len(server.requests) == downloads + 3  # metadata and the corrupted table again
 
 
-def test_a_tampered_table_is_refused(server: FakeServer, tmp_path: Path) -> None:
+def test_a_tampered_table_is_refused(server, tmp_path) -> None:
     server.table_bytes = server.table_bytes[:-2] + b"\x00\x01"
     with pytest.raises(BundleError, match="SHA-256"):
         make_client(server, tmp_path).bundle
 
 
-def test_over_budget_is_refused_before_any_byte_leaves(server: FakeServer, tmp_path: Path) -> None:
-    ledger = BudgetLedger(tmp_path / "ledger.db")
-    ledger.set_limits("default", total_epsilon=1000.0)
-    with make_client(server, tmp_path, mu=5.0, ledger=ledger) as client:
-        first = client.generate("the capital of france is")
-        assert ledger.spent("default").epsilon == pytest.approx(first.privacy.epsilon)
-        while ledger.spent("default").epsilon + first.privacy.epsilon <= 1000.0:
-            client.generate("the capital of france is")
+@pytest.mark.parametrize("url", ["http://evil.example/table", "https://fake/table", "http://fake:8080/table",
+                                 "//evil.example/table"])
+def test_bundle_urls_off_the_servers_origin_are_refused(server, tmp_path, url) -> None:
+    server.info.projections[0].table_url = url
+    with pytest.raises(BundleError, match="origin"):
+        make_client(server, tmp_path, api_key="secret").bundle
+    assert all(r.url.host == "fake" and r.url.port is None for r in server.requests)
+
+
+def test_bundle_hashes_must_be_hex(server, tmp_path) -> None:
+    server.info.tokenizer_sha256 = "../" * 20 + "etc/passwd"
+    with pytest.raises(BundleError, match="not a SHA-256"):
+        make_client(server, tmp_path).bundle
+
+
+def test_over_budget_is_refused_before_any_byte_leaves(server, tmp_path) -> None:
+    one = privacy_report(MechanismParams.from_mu(5.0, bits=4, dim=DIM, clip=CLIP), 5).epsilon
+    policy = PrivacyPolicy(epsilon_per_token=POLICY.epsilon_per_token, epsilon_total=3.5 * one)
+    with make_client(server, tmp_path, policy=policy) as client:
+        client.generate("the capital of france is")
+        client.generate("the capital of france is paris")
         sent_before = len(server.generate_requests())
-        with pytest.raises(BudgetExceededError):
-            client.generate("the capital of france is")
-    assert len(server.generate_requests()) == sent_before
-    assert ledger.pending("default") == []
+        with pytest.raises(BudgetExceededError, match="composed"):
+            for _ in range(10):
+                client.generate("the capital of france is")
+        assert client.ledger.pending("default") == []
+    # composition is tighter than adding: more than 3 prompts of epsilon `one` fit under 3.5 * one
+    assert len(server.generate_requests()) - sent_before >= 2
 
 
-def test_streaming_yields_chunks_then_the_result(server: FakeServer, tmp_path: Path) -> None:
+def test_streaming_yields_chunks_then_the_result(server, tmp_path) -> None:
     with make_client(server, tmp_path) as client:
         stream = client.generate("paris", stream=True)
         assert "".join(stream) == "paris"
     assert stream.result is not None and stream.result.prompt_tokens == 6
 
 
-def test_server_errors_become_typed_errors(server: FakeServer, tmp_path: Path) -> None:
-    server.info.projections[0].clip = 0.0  # the client builds a mechanism the server's decoder refuses
-    with pytest.raises((ValueError, ServerError)):
+def test_server_errors_become_typed_errors(server, tmp_path) -> None:
+    server.decode_dim = DIM + 1  # the server's decoder refuses what the client sends: a 400
+    with pytest.raises(ServerError) as caught:
         make_client(server, tmp_path).generate("paris")
+    assert caught.value.status_code == 400 and "does not match" in caught.value.detail
 
 
-def test_prompt_over_the_server_limit_is_refused_locally(server: FakeServer, tmp_path: Path) -> None:
+def test_prompt_over_the_server_limit_is_refused_locally(server, tmp_path) -> None:
     with pytest.raises(ValueError, match="over the server's limit"):
         make_client(server, tmp_path).generate("paris " * 100)
     assert server.generate_requests() == []
 
 
-def test_async_client(server: FakeServer, tmp_path: Path) -> None:
+def test_async_client(server, tmp_path) -> None:
+    server.chunks = ["hello [PER", "SON_1]"]
+
     async def run() -> tuple[str, str, int]:
         async with AsyncPrivateLLMClient("http://fake", transport=httpx.MockTransport(server.handle),
-                                         cache_dir=tmp_path / "cache", mu=2.0, bits=2) as client:
-            plain = await client.generate("the capital of france is")
-            stream = await client.generate("paris", stream=True)
+                                         cache_dir=tmp_path / "cache", policy=POLICY, ledger=tmp_path / "l.db",
+                                         mu=2.0, bits=2) as client:
+            parts = [Part("paris", "placeholder", "PERSON")]
+            plain = await client.generate([{"role": "user", "content": parts}])
+            stream = await client.generate([{"role": "user", "content": parts}], stream=True)
             chunks = [c async for c in stream]
             return plain.text, "".join(chunks), stream.result.bytes_sent
 
     plain, streamed, sent = asyncio.run(run())
-    assert plain == streamed == "paris" and sent == wire.payload_size(6, DIM, 2)
+    assert plain == streamed == "hello paris" and sent == wire.payload_size(0, DIM, 2, public=8, spans=1)
     assert server.received[0].params.bits == 2

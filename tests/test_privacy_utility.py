@@ -13,6 +13,7 @@ from app.reconstruction import pca_projection
 from app.soft_prompts import SoftPrompt
 from bench import privacy_utility
 from bench.attacks import calibrate_mu, language_model_attack, recovery_rate
+from client_sdk import wire
 from bench.pipeline import PREFIX
 from bench.privacy_utility import Bench, Plan, run
 from bench.privacy_utility_report import ROW_NAMES, render
@@ -87,7 +88,7 @@ def test_a_run_measures_every_cell_and_resumes_without_recomputing(bench: Bench,
     for mu in PLAN.mus:
         audit = cells[f"audit/n2/mu{mu:g}"]
         assert audit["epsilon_lower"] <= audit["epsilon_accountant"]
-    assert results["communication"]["bits"]["2"]["payload_bytes"] == 30 + math.ceil(PREFIX * 8 * 2 / 8)
+    assert results["communication"]["bits"]["2"]["payload_bytes"] == wire.payload_size(PREFIX, 8, 2)
 
     markdown = render(results)
     assert all(name in markdown for name in ROW_NAMES.values())

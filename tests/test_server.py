@@ -14,22 +14,24 @@ from app.reconstruction import pca_projection
 from app.soft_prompts import save_soft_prompt, select_soft_prompt
 from client_sdk import PrivateLLMClient, wire
 from client_sdk.mechanism import MechanismParams
-from tests.conftest import LoopbackServer
+from tests.conftest import PERMISSIVE, LoopbackServer
 
 
 def test_end_to_end_over_loopback(loopback, client_cache) -> None:
-    with PrivateLLMClient(loopback.url, cache_dir=client_cache, mu=20.0) as client:
+    with PrivateLLMClient(loopback.url, cache_dir=client_cache) as client:
         result = client.generate("the capital of france is", max_new_tokens=5)
         streamed = client.generate("the capital of france is", max_new_tokens=5, stream=True)
         text = "".join(streamed)
     assert result.completion_tokens >= 1 and result.prompt_tokens == 10
     assert set(result.timings) >= {"decode", "reconstruct", "generate"}
-    assert result.privacy.epsilon > 0 and result.bytes_sent == wire.payload_size(10, 8, 4)
+    # the template (<|im_start|> user ... <|im_end|> <|im_start|> assistant) is public, the message private
+    assert (result.privacy.private_tokens, result.privacy.public_tokens) == (5, 5)
+    assert result.privacy.epsilon > 0 and result.bytes_sent == wire.payload_size(5, 8, 4, public=5, spans=3)
     assert streamed.result is not None and streamed.result.text == text
 
 
 def test_greedy_generation_is_deterministic_and_sampling_follows_the_seed(loopback, client_cache) -> None:
-    with PrivateLLMClient(loopback.url, cache_dir=client_cache, mu=20.0, seed=5) as client:
+    with PrivateLLMClient(loopback.url, cache_dir=client_cache, seed=5) as client:
         prepared = client.prepare("hello world")
     http = httpx.Client(base_url=loopback.url)
 
@@ -58,9 +60,11 @@ def test_the_server_receives_exactly_the_codec_bytes(settings, runner, client_ca
         result = client.generate("the capital of france is", max_new_tokens=2)
     body = received[0]
     payload = wire.decode(body)
-    assert len(body) == wire.payload_size(payload.tokens, payload.params.dim, payload.params.bits) == result.bytes_sent
+    assert len(body) == result.bytes_sent == wire.payload_size(payload.private_tokens, payload.params.dim,
+                                                               payload.params.bits, public=payload.public_tokens,
+                                                               spans=len(payload.spans))
     # n bits per coordinate: nothing resembling an embedding (b floats per token) ever arrives
-    assert len(body) - wire.HEADER.size == -(-payload.tokens * 8 * 4 // 8) < payload.tokens * runner.model.config.hidden_size
+    assert wire.body_size(payload.private_tokens, 8, 4) < payload.private_tokens * runner.model.config.hidden_size
 
 
 def test_pca_projection_is_exact_at_full_width(runner) -> None:
@@ -80,13 +84,16 @@ def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, c
                          runner)
     app = create_app(settings, runner=runner)
     with LoopbackServer(app) as server:
-        client = PrivateLLMClient(server.url, cache_dir=client_cache, mu=30.0)
+        # soft prompts are prepended to prompts that are private throughout (chat=False: no public template)
+        client = PrivateLLMClient(server.url, cache_dir=client_cache, mu=30.0, policy=PERMISSIVE)
         assert {s.name for s in client.bundle.info.soft_prompts} == {"loose", "strict"}
-        answer = client.generate("hello", max_new_tokens=2)
+        answer = client.generate("hello", max_new_tokens=2, chat=False)
         assert (answer.soft_prompt, answer.soft_prompt_mu, answer.soft_prompt_exact) == ("loose", 50.0, False)
-        assert PrivateLLMClient(server.url, cache_dir=client_cache, mu=2.0).generate("hello", max_new_tokens=2).soft_prompt_exact
+        strict = PrivateLLMClient(server.url, cache_dir=client_cache, mu=2.0)
+        assert strict.generate("hello", max_new_tokens=2, chat=False).soft_prompt_exact
+        assert strict.generate("hello", max_new_tokens=2).soft_prompt is None  # a public chat template: none
         service = app.state.service
-        prepared = service.prepare(client.prepare("hello").payload)
+        prepared = service.prepare(client.prepare("hello", chat=False).payload)
     # the backend puts the soft prompt before the prompt (its keys and values are cached): tests/test_backends.py
     assert prepared.embeddings.shape[0] == prepared.prompt_tokens and prepared.soft_prompt.embeddings.shape[0] == 3
     prompts = service.catalog.soft_prompts

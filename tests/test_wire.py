@@ -25,7 +25,7 @@ def make_payload(bits: int = 4, dim: int = 8, tokens: int = 3, seed: int = 0) ->
 def test_round_trip_and_exact_size(bits: int, dim: int, tokens: int, seed: int) -> None:
     payload = make_payload(bits, dim, tokens, seed)
     data = wire.encode(payload)
-    assert len(data) == wire.HEADER.size + -(-tokens * dim * bits // 8) == wire.payload_size(tokens, dim, bits)
+    assert len(data) == wire.HEADER.size + 4 + -(-tokens * dim * bits // 8) == wire.payload_size(tokens, dim, bits)
     back = wire.decode(data, projections={PID: dim})
     assert back.params == payload.params and back.projection_id == PID
     assert np.array_equal(back.levels, payload.levels)
@@ -37,7 +37,7 @@ def test_bit_order_is_msb_first() -> None:
 
 
 def patch_header(data: bytes, **fields: object) -> bytes:
-    names = ["magic", "version", "bits", "flags", "dim", "tokens", "clip", "scale", "pid"]
+    names = ["magic", "version", "bits", "flags", "dim", "tokens", "private", "clip", "scale", "pid", "spans"]
     values = dict(zip(names, wire.HEADER.unpack_from(data)))
     values.update(fields)
     return wire.HEADER.pack(*(values[n] for n in names)) + data[wire.HEADER.size :]
@@ -52,13 +52,16 @@ GOOD = wire.encode(make_payload())
         (b"", "shorter than"),
         (GOOD[:10], "shorter than"),
         (patch_header(GOOD, magic=b"NOPE"), "bad magic"),
-        (patch_header(GOOD, version=2), "unsupported wire version"),
+        (patch_header(GOOD, version=3), "unsupported wire version"),
         (patch_header(GOOD, bits=0), "outside 1..8"),
         (patch_header(GOOD, bits=9), "outside 1..8"),
         (patch_header(GOOD, flags=1), "unknown flags"),
         (patch_header(GOOD, dim=9), "does not match"),
         (patch_header(GOOD, pid=b"\xff" * 8), "unknown projection id"),
         (patch_header(GOOD, tokens=0), "no tokens"),
+        (patch_header(GOOD, private=4), "exceeds the token count"),
+        (patch_header(GOOD, spans=0), "span count"),
+        (patch_header(GOOD, tokens=4), "truncated"),
         (patch_header(GOOD, tokens=10_000), "over the limit"),
         (patch_header(GOOD, scale=0.01), "need 0 < c < A"),
         (patch_header(GOOD, clip=float("nan")), "need 0 < c < A"),
@@ -86,6 +89,57 @@ def test_encode_refuses_levels_that_do_not_fit() -> None:
         wire.encode(wire.Payload(payload.params, "xyz", payload.levels))
 
 
-def test_header_layout_is_30_bytes_big_endian() -> None:
-    assert wire.HEADER.size == 30
-    assert GOOD[:4] == b"VEIL" and GOOD[4] == 1 and struct.unpack("!H", GOOD[8:10])[0] == 8
+def test_header_layout_is_36_bytes_big_endian() -> None:
+    assert wire.HEADER.size == 36
+    assert GOOD[:4] == b"VEIL" and GOOD[4] == 2 and struct.unpack("!H", GOOD[8:10])[0] == 8
+    assert struct.unpack("!II", GOOD[10:18]) == (3, 3) and struct.unpack("!HI", GOOD[34:40]) == (1, (1 << 31) | 3)
+
+
+def mixed_payload() -> wire.Payload:
+    base = make_payload(tokens=3)
+    return wire.Payload(base.params, PID, base.levels, public_ids=np.array([5, 70000, 1]),
+                        spans=(wire.Span(False, 2), wire.Span(True, 3), wire.Span(False, 1)))
+
+
+def test_spans_round_trip_in_order_with_public_ids_in_the_clear() -> None:
+    payload = mixed_payload()
+    data = wire.encode(payload)
+    assert len(data) == wire.payload_size(3, 8, 4, public=3, spans=3)
+    assert data[36:48] == struct.pack("!III", 2, (1 << 31) | 3, 1)  # the span table
+    assert data[48:60] == struct.pack("!III", 5, 70000, 1)  # public ids, as they are
+    back = wire.decode(data, projections={PID: 8}, vocab_size=70001)
+    assert back.spans == payload.spans and back.public_ids.tolist() == [5, 70000, 1]
+    assert np.array_equal(back.levels, payload.levels)
+    assert [(s.private, d.tolist()) for s, d in back.segments()][0] == (False, [5, 70000])
+
+
+def test_public_ids_outside_the_vocabulary_are_rejected() -> None:
+    with pytest.raises(WireFormatError, match="outside the vocabulary"):
+        wire.decode(wire.encode(mixed_payload()), vocab_size=70000)
+
+
+def test_bad_span_tables_are_rejected() -> None:
+    data = bytearray(wire.encode(mixed_payload()))
+    data[36:40] = struct.pack("!I", 0)
+    with pytest.raises(WireFormatError, match="span"):
+        wire.decode(bytes(data))
+    data[36:40] = struct.pack("!I", 1)
+    with pytest.raises(WireFormatError, match="add up"):
+        wire.decode(bytes(data))
+
+
+def test_a_prompt_without_private_tokens_carries_no_levels() -> None:
+    base = make_payload()
+    payload = wire.Payload(base.params, PID, np.zeros((0, 8), np.uint8), public_ids=np.array([1, 2]),
+                           spans=(wire.Span(False, 2),))
+    data = wire.encode(payload)
+    assert len(data) == wire.HEADER.size + 4 + 8
+    assert wire.decode(data).private_tokens == 0
+
+
+def test_version_1_payloads_still_decode_as_one_private_span() -> None:
+    payload = make_payload(tokens=2)
+    p = payload.params
+    v1 = wire.HEADER_V1.pack(b"VEIL", 1, p.bits, 0, p.dim, 2, p.clip, p.scale, bytes.fromhex(PID))
+    back = wire.decode(v1 + wire.pack_levels(payload.levels, p.bits), projections={PID: 8})
+    assert back.spans == (wire.Span(True, 2),) and np.array_equal(back.levels, payload.levels)

@@ -17,6 +17,7 @@ from scipy import special, stats
 
 EXACT_CURVE_MAX_TRIALS = 4_000_000
 _NEGLIGIBLE_NATS = 40.0
+_SF_FLOOR = 1e-200
 
 
 def _log_pmf(n: int, p: float, x: np.ndarray) -> np.ndarray:
@@ -27,9 +28,11 @@ def _log_window_sum(n: int, p: float, start: int, step: int) -> float:
     """log of sum of pmf(j) for j = start, start+step, ... to the end of the support.
 
     `start` lies on the far side of the mode, so terms decrease and the sum stops once
-    they fall `_NEGLIGIBLE_NATS` below the running total.
+    they fall `_NEGLIGIBLE_NATS` below the running total. Chunks start small and double up to ten
+    standard deviations, so a far tail (a few terms) costs little even when n is in the hundreds of millions.
     """
-    chunk = int(10 * math.sqrt(n * p * (1 - p))) + 64
+    max_chunk = int(10 * math.sqrt(n * p * (1 - p))) + 64
+    chunk = min(256, max_chunk)
     total = -math.inf
     j = start
     while 0 <= j <= n:
@@ -38,7 +41,7 @@ def _log_window_sum(n: int, p: float, start: int, step: int) -> float:
         total = float(np.logaddexp(total, special.logsumexp(terms)))
         if terms[-1] < total - _NEGLIGIBLE_NATS:
             break
-        j = stop
+        j, chunk = stop, min(2 * chunk, max_chunk)
     return total
 
 
@@ -49,7 +52,8 @@ def log_sf(n: int, p: float, x: int) -> float:
     if x > n:
         return -math.inf
     if x > n * p:
-        return _log_window_sum(n, p, x, +1)
+        tail = stats.binom.sf(x - 1, n, p)  # regularized incomplete beta: O(1), accurate while it does not underflow
+        return math.log(tail) if tail > _SF_FLOOR else _log_window_sum(n, p, x, +1)
     return math.log1p(-math.exp(_log_window_sum(n, p, x - 1, -1)))
 
 

@@ -20,13 +20,18 @@ from client_sdk.accounting.binomial import log_odds
 _TRUNCATION_NATS = -60.0
 
 
-def binomial_pld(trials: int, p: float, buckets_per_step: int = 4) -> pld_lib.PrivacyLossDistribution:
-    """The pessimistic PLD of Bin(trials, p) vs Bin(trials, 1-p), truncated below e^-60 of mass."""
-    x = np.arange(trials + 1)
+def binomial_pld(trials: int, p: float, buckets_per_step: int = 4,
+                 interval: float | None = None) -> pld_lib.PrivacyLossDistribution:
+    """The pessimistic PLD of Bin(trials, p) vs Bin(trials, 1-p), truncated below e^-60 of mass.
+
+    `interval` (default: the loss lattice's step over `buckets_per_step`) must be shared by PLDs composed together.
+    """
+    spread = 12 * math.sqrt(trials * p * (1 - p)) + 16  # mass beyond 12 sd is far below e^-60
+    x = np.arange(max(0, math.floor(trials * (1 - p) - spread)), min(trials, math.ceil(trials * p + spread)) + 1)
     log_upper = stats.binom.logpmf(x, trials, p)
     log_lower = log_upper[::-1]  # Bin(trials, 1-p) at x is Bin(trials, p) at trials - x
     keep = np.maximum(log_upper, log_lower) > _TRUNCATION_NATS
-    interval = log_odds(p) / buckets_per_step
+    interval = interval or log_odds(p) / buckets_per_step
     return pld_lib.from_two_probability_mass_functions(
         dict(zip(x[keep].tolist(), log_lower[keep].tolist())),
         dict(zip(x[keep].tolist(), log_upper[keep].tolist())),

@@ -1,0 +1,41 @@
+"""The device's privacy policy: mu derived from the per-token cap, suggestions refused when looser."""
+
+import pytest
+
+from client_sdk.accounting import binomial
+from client_sdk.errors import PolicyError
+from client_sdk.mechanism import MechanismParams
+from client_sdk.policy import REFERENCE_MU, PrivacyPolicy, epsilon_per_token, reference_mechanism
+
+
+def exact(params: MechanismParams) -> float:
+    return binomial.epsilon_for_delta(params.levels * params.dim, params.worst_case_p, 1e-5)
+
+
+def test_the_default_per_token_cap_is_the_reference_mechanisms_exact_epsilon() -> None:
+    policy = PrivacyPolicy.default()
+    assert policy.epsilon_per_token == exact(reference_mechanism())
+    assert policy.mechanism(bits=4, dim=72, clip=2.0).mu_clt == pytest.approx(REFERENCE_MU, rel=1e-6)
+
+
+@pytest.mark.parametrize(("bits", "dim", "clip"), [(4, 72, 2.0), (2, 16, 0.05), (8, 8, 1.0)])
+def test_the_derived_mu_is_the_largest_that_fits(bits: int, dim: int, clip: float) -> None:
+    policy = PrivacyPolicy(epsilon_per_token=10.0)
+    params = policy.mechanism(bits=bits, dim=dim, clip=clip)
+    assert exact(params) <= 10.0
+    looser = MechanismParams.from_mu(params.mu_clt * 1.001, bits=bits, dim=dim, clip=clip)
+    assert exact(looser) > 10.0
+
+
+def test_suggestions_and_explicit_settings_must_fit() -> None:
+    policy = PrivacyPolicy(epsilon_per_token=10.0, allowed_bits=(2, 4))
+    args = dict(dim=16, clip=0.05, suggested_bits=4)
+    assert policy.choose(**args, bits=None, mu=None, suggested_mu=1.0).mu_clt == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(PolicyError, match="looser"):
+        policy.choose(**args, bits=None, mu=None, suggested_mu=30.0)
+    opted_in = policy.choose(**args, bits=None, mu=None, suggested_mu=30.0, allow_looser_suggestion=True)
+    assert epsilon_per_token(opted_in, 1e-5) <= 10.0
+    with pytest.raises(PolicyError, match="cap"):
+        policy.choose(**args, bits=None, mu=30.0, suggested_mu=1.0)
+    with pytest.raises(PolicyError, match="not allowed"):
+        policy.choose(**args, bits=8, mu=None, suggested_mu=1.0)
