@@ -357,13 +357,16 @@ def test_a_job_resumed_after_a_crash_reports_the_steps_it_ran(settings) -> None:
 def test_veil_serve_logs_json_access_lines_and_not_uvicorns(settings, capsys) -> None:
     options = uvicorn_options(settings)
     assert options["access_log"] is False
+    loggers = [logging.getLogger(name) for name in options["log_config"]["loggers"]]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     logging.config.dictConfig(options["log_config"])
     try:
         logging.getLogger("veil.access").info('{"route": "/v1/generate"}')
         assert capsys.readouterr().out == '{"route": "/v1/generate"}\n'
-    finally:
-        logging.getLogger("veil").handlers.clear()
-        logging.getLogger("veil").propagate = True
+    finally:  # leave logging as the other tests expect it
+        for lg, (handlers, level, propagate) in zip(loggers, saved):
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)  # (setLevel also clears the loggers' cached levels)
 
 
 def test_the_mu_label_takes_only_a_fixed_set_of_values() -> None:
