@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from app.access import ClientAccess
-from app.body import read_body
+from app.body import media_type, read_body
 from app.engine.request import GenerationParams
 from app.engine.text import MAX_STOP_STRINGS, check_stop
 from app.errors import DeadlineExceeded
@@ -70,7 +70,7 @@ def generate_router(settings: ServerSettings, access: ClientAccess) -> APIRouter
     ) -> Response:
         """Generate from a privatized prompt (binary body); `stream=true` answers with Server-Sent Events."""
         svc, metrics = service(request), request.app.state.metrics
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = media_type(request)
         if content_type != "application/octet-stream":
             raise HTTPException(415, f"the body must be application/octet-stream, got {content_type or 'none'!r}")
         stop = tuple(stop or ())
