@@ -54,6 +54,12 @@ class DPSoftPromptConfig(SoftPromptConfig):
     batch_size: int = Field(16, ge=1, le=4096)
 
     @model_validator(mode="after")
+    def _next_token_on_the_tenant_text(self) -> "DPSoftPromptConfig":
+        if self.objective != "next_token" or self.chat_examples:
+            raise ValueError("DP-SGD trains with the next-token objective on the tenant's text only")
+        return self
+
+    @model_validator(mode="after")
     def _physical_within_logical(self) -> "DPSoftPromptConfig":
         if self.physical_batch_size > self.batch_size:
             raise ValueError("physical_batch_size must not exceed batch_size")

@@ -19,11 +19,15 @@ from app.model_runner import ModelRunner
 from app.reconstruction import Projection
 from app.service import published_projections
 from app.settings import ServerSettings
-from app.training.config import load_text
+from app.soft_prompts import below_floor, load_soft_prompt, record_floor_check
+from app.training.config import UPLOAD, load_text
+from app.training.data import missing_files
+from app.training.floor import floor_check
 from app.training.dp_soft_prompt import DPSoftPromptConfig, train_dp_soft_prompt
 from app.training.loop import Cancelled
 from app.training.projection import ProjectionConfig, train_projection
 from app.training.soft_prompt import SoftPromptConfig, train_soft_prompt
+from app.training.synth import synthesize_chat
 from app.training.tenant_budget import TenantBudgets
 
 JobConfig = ProjectionConfig | SoftPromptConfig | DPSoftPromptConfig
@@ -63,10 +67,17 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
                  on_step: Callable[[int, float], None] | None = None) -> dict:
     """Run one training config to its artifact (served if `activate`) and drop its checkpoint; returns the manifest.
 
-    `projections` (by id) are those a soft prompt may target. DP runs take no checkpoint: a resumed one starts
+    `projections` (by id) are those a soft prompt may target. A soft prompt worse than sending nothing on its
+    held-out text (`floor_data`) is not activated; its manifest says why (`inactive_reason`). DP runs take no checkpoint: a resumed one starts
     over (its tenant was charged once, and only the finished prompt is ever released).
     """
     text = load_text(config.data, settings.data_dir, upload_dir(settings))
+    floor_text, floor_skipped = None, None
+    if not isinstance(config, ProjectionConfig) and config.floor_data is not None:
+        if UPLOAD.match(config.floor_data) or not missing_files(config.floor_data, settings.data_dir):
+            floor_text = load_text(config.floor_data, settings.data_dir, upload_dir(settings))
+        else:
+            floor_skipped = f"held-out corpus {config.floor_data!r} is not on this machine: not checked"
     if isinstance(config, ProjectionConfig):
         manifest = train_projection(runner, config, text, settings.projection_dir, checkpoint=checkpoint,
                                     cancel=cancel, on_step=on_step)
@@ -76,10 +87,24 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
         manifest = train_dp_soft_prompt(runner, projections[config.projection_id], config, text,
                                         settings.soft_prompt_dir, cancel=cancel, on_step=on_step)
     else:
+        chat = (synthesize_chat(runner, text, config.chat_examples, prefix_tokens=config.prefix_tokens,
+                                continuation_tokens=config.continuation_tokens, seed=config.seed,
+                                max_new_tokens=min(48, config.continuation_tokens), cache_dir=settings.cache_dir / "synth")
+                if config.chat_examples else None)
         manifest = train_soft_prompt(runner, projections[config.projection_id], config, text,
-                                     settings.soft_prompt_dir, checkpoint=checkpoint, cancel=cancel, on_step=on_step)
-    if activate:
-        manifest = set_active(artifact_root(settings, manifest["kind"]) / config.name, True)
+                                     settings.soft_prompt_dir, chat=chat, checkpoint=checkpoint,
+                                     cancel=cancel, on_step=on_step)
+    directory = artifact_root(settings, manifest["kind"]) / config.name
+    if floor_text is not None:
+        check = floor_check(runner, projections[config.projection_id], config.bits, config.mu,
+                            load_soft_prompt(directory).embeddings, floor_text, config.floor_data,
+                            prefix_tokens=config.prefix_tokens, continuation_tokens=config.continuation_tokens,
+                            segments=config.floor_segments, seed=config.seed)
+        manifest = record_floor_check(directory, check)
+    elif floor_skipped is not None:
+        manifest = record_floor_check(directory, {"skipped": floor_skipped})
+    if activate and not below_floor(manifest):
+        manifest = set_active(directory, True)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return manifest
@@ -238,6 +263,8 @@ class JobManager:
                                 checkpoint=checkpoint, cancel=self._cancel[job.id], on_step=on_step)
         job.losses = manifest["loss_curve"]
         job.held_out = {k: v for k, v in manifest.items() if k.startswith("held_out_loss")}
+        if "floor_check" in manifest:
+            job.held_out |= {f"floor_check_{row}": nll for row, nll in manifest["floor_check"].get("nll", {}).items()}
         self.on_artifact()  # served before the job reports success
 
     def _finish(self, job: Job, state: JobState) -> None:
