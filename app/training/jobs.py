@@ -61,23 +61,41 @@ def charge_tenant(settings: ServerSettings, config: DPSoftPromptConfig, job_id: 
     tenant_budgets(settings).charge(config.tenant, job_id, config.target_epsilon, config.delta or 1e-5)
 
 
+def floor_text(settings: ServerSettings, config: JobConfig) -> str | None:
+    """The held-out text a soft prompt is checked on, or None (no check asked for, or the corpus is not here)."""
+    if isinstance(config, ProjectionConfig) or config.floor_data is None:
+        return None
+    if not UPLOAD.match(config.floor_data) and missing_files(config.floor_data, settings.data_dir):
+        return None
+    return load_text(config.floor_data, settings.data_dir, upload_dir(settings))
+
+
+def check_against_floor(runner: ModelRunner, config: SoftPromptConfig, projection: Projection, directory: Path,
+                        held_out: str | None) -> dict:
+    """Score the trained prompt on its held-out text against sending nothing and record it (floor.py)."""
+    if held_out is None:
+        return record_floor_check(directory, {"passes": None, "reason": f"held-out corpus {config.floor_data!r} is "
+                                                                         "not on this machine: not checked"})
+    check = floor_check(runner, projection, config.bits, config.mu, load_soft_prompt(directory).embeddings, held_out,
+                        config.floor_data, prefix_tokens=config.prefix_tokens,
+                        continuation_tokens=config.continuation_tokens, segments=config.floor_segments,
+                        seed=config.seed)
+    return record_floor_check(directory, check)
+
+
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
                  projections: dict[str, Projection], *, activate: bool = False, checkpoint: Path | None = None,
                  cancel: threading.Event | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> dict:
     """Run one training config to its artifact (served if `activate`) and drop its checkpoint; returns the manifest.
 
-    `projections` (by id) are those a soft prompt may target. A soft prompt worse than sending nothing on its
-    held-out text (`floor_data`) is not activated; its manifest says why (`inactive_reason`). DP runs take no checkpoint: a resumed one starts
-    over (its tenant was charged once, and only the finished prompt is ever released).
+    `projections` (by id) are those a soft prompt may target. A soft prompt is checked on its held-out text
+    (`floor_data`) and one worse than sending nothing there is not activated (its manifest says why). DP runs take
+    no checkpoint: a resumed one starts over (its tenant was charged once, and only the finished prompt is ever
+    released).
     """
     text = load_text(config.data, settings.data_dir, upload_dir(settings))
-    floor_text, floor_skipped = None, None
-    if not isinstance(config, ProjectionConfig) and config.floor_data is not None:
-        if UPLOAD.match(config.floor_data) or not missing_files(config.floor_data, settings.data_dir):
-            floor_text = load_text(config.floor_data, settings.data_dir, upload_dir(settings))
-        else:
-            floor_skipped = f"held-out corpus {config.floor_data!r} is not on this machine: not checked"
+    held_out = floor_text(settings, config)
     if isinstance(config, ProjectionConfig):
         manifest = train_projection(runner, config, text, settings.projection_dir, checkpoint=checkpoint,
                                     cancel=cancel, on_step=on_step)
@@ -89,20 +107,14 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
     else:
         chat = (synthesize_chat(runner, text, config.chat_examples, prefix_tokens=config.prefix_tokens,
                                 continuation_tokens=config.continuation_tokens, seed=config.seed,
-                                max_new_tokens=min(48, config.continuation_tokens), cache_dir=settings.cache_dir / "synth")
-                if config.chat_examples else None)
+                                max_new_tokens=min(48, config.continuation_tokens),
+                                cache_dir=settings.cache_dir / "synth") if config.chat_examples else None)
         manifest = train_soft_prompt(runner, projections[config.projection_id], config, text,
-                                     settings.soft_prompt_dir, chat=chat, checkpoint=checkpoint,
-                                     cancel=cancel, on_step=on_step)
+                                     settings.soft_prompt_dir, chat=chat, checkpoint=checkpoint, cancel=cancel,
+                                     on_step=on_step)
     directory = artifact_root(settings, manifest["kind"]) / config.name
-    if floor_text is not None:
-        check = floor_check(runner, projections[config.projection_id], config.bits, config.mu,
-                            load_soft_prompt(directory).embeddings, floor_text, config.floor_data,
-                            prefix_tokens=config.prefix_tokens, continuation_tokens=config.continuation_tokens,
-                            segments=config.floor_segments, seed=config.seed)
-        manifest = record_floor_check(directory, check)
-    elif floor_skipped is not None:
-        manifest = record_floor_check(directory, {"skipped": floor_skipped})
+    if not isinstance(config, ProjectionConfig) and config.floor_data is not None:
+        manifest = check_against_floor(runner, config, projections[config.projection_id], directory, held_out)
     if activate and not below_floor(manifest):
         manifest = set_active(directory, True)
     if checkpoint is not None:
