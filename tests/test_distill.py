@@ -160,3 +160,29 @@ def test_a_distillation_job_with_chat_data_records_its_objective_and_floor_check
     assert check["data"] == "austen-emma" and check["segments"] == 4
     assert manifest["active"] == check["passes"]  # activated only if it passes
     assert manifests(settings.soft_prompt_dir)["d"] == manifest
+
+
+def test_the_admin_api_takes_a_distillation_job_with_a_held_out_upload(settings, runner) -> None:
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from app.api import create_app
+    from tests.test_admin import KEY, finished
+
+    settings.admin_key = SecretStr("s3cret")
+    with TestClient(create_app(settings, runner=runner)) as admin:
+        train, held = (admin.post("/admin/uploads", content=corpus(seed=seed).encode(),
+                                  headers={**KEY, "content-type": "text/plain"}).json()["data"] for seed in (0, 1))
+        pid = admin.get("/v1/bundle").json()["defaults"]["projection_id"]
+        body = {"name": "distilled", "data": train, "floor_data": held, "floor_segments": 4, "objective": "distill",
+                "projection_id": pid, "mu": 20.0, "virtual_tokens": 4, "steps": 2, "activate": True, **SHAPE}
+        job = finished(admin, admin.post("/admin/soft-prompts", json=body, headers=KEY).json()["id"])
+        assert job["state"] == "succeeded", job["error"]
+        assert {"floor_check_nothing sent", "floor_check_private path"} <= set(job["held_out"])
+        (listed,) = admin.get("/admin/soft-prompts", headers=KEY).json()
+        manifest = listed["manifest"]
+        assert manifest["objective"] == "distill" and manifest["floor_check"]["data"] == held
+        served = [s["name"] for s in admin.get("/v1/bundle").json()["soft_prompts"]]
+        assert served == (["distilled"] if manifest["floor_check"]["passes"] else [])
+        bad = admin.post("/admin/soft-prompts", json={**body, "name": "x", "objective": "nonsense"}, headers=KEY)
+        assert bad.status_code == 422
