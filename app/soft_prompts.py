@@ -71,8 +71,9 @@ def below_floor(manifest: dict) -> bool:
 
 
 def record_floor_check(directory: Path, check: dict) -> dict:
-    """Write a held-out check (floor.py's report, or {"passes": None, "reason": why} when skipped) into a soft prompt's manifest; one that
-    fails is also deactivated (the reason is kept as `inactive_reason`). Returns the updated manifest."""
+    """Write a held-out check (floor.py's report, or {"passes": None, "reason": why} when skipped) into a soft
+    prompt's manifest; one that fails is also deactivated (the reason is kept as `inactive_reason`). Returns the
+    updated manifest."""
     manifest = read_manifest(directory)
     manifest["floor_check"] = check
     if check.get("passes") is False:

@@ -18,7 +18,8 @@ CORPORA = {
     "austen": [f"austen/{name}.txt" for name in NOVELS],
     **{f"austen-{name}": [f"austen/{name}.txt"] for name in NOVELS},
     # WikiText-2 valid and every novel but the held-out one: general prose to train on
-    "general": ["wikitext-2/valid.txt", *(f"austen/{name}.txt" for name in NOVELS if f"austen-{name}" != HELD_OUT_NOVEL)],
+    "general": ["wikitext-2/valid.txt",
+                *(f"austen/{name}.txt" for name in NOVELS if f"austen-{name}" != HELD_OUT_NOVEL)],
 }
 
 

@@ -135,7 +135,7 @@ def train_dp_soft_prompt(runner: ModelRunner, projection: Projection, config: DP
         module=wrapped, optimizer=optimizer, data_loader=loader, target_epsilon=config.target_epsilon,
         target_delta=delta, epochs=exact_epochs(config.steps, 1 / len(loader)), max_grad_norm=config.max_grad_norm,
         poisson_sampling=False, noise_generator=noise)
-    received_prefix = privatized_prefix(runner, projection, config)
+    received_prefix = privatized_prefix(runner, projection, config.bits, config.mu)
     mechanism_noise = torch.Generator().manual_seed(config.seed)
     state, batch_losses = LoopState(), []
     with warnings.catch_warnings():

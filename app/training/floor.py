@@ -23,8 +23,7 @@ from app.model_runner import ModelRunner
 from app.reconstruction import Projection
 from app.training.data import evenly_spaced, token_segments
 from app.training.evaluate import continuation_loss, start_prefix, start_token
-from app.training.mechanism import privatize
-from client_sdk.mechanism import MechanismParams
+from app.training.soft_prompt import privatized_prefix
 
 ROWS = ("clean prefix", "nothing sent", "soft prompt alone", "private path", "mismatched control")
 
@@ -38,17 +37,15 @@ def path_nlls(runner: ModelRunner, projection: Projection, bits: int, mu: float,
               segments: torch.Tensor, prefix_tokens: int, seed: int, batch_size: int = 8) -> dict[str, np.ndarray]:
     """Per-segment NLL of the continuation for every row of ROWS (fixed noise from `seed`)."""
     model, table = runner.model, runner.input_embeddings
-    scale = MechanismParams.from_mu(mu, bits=bits, dim=projection.dim, clip=projection.clip).scale
-    generator = torch.Generator().manual_seed(seed)
     prefix, continuation = segments[:, :prefix_tokens].to(model.device), segments[:, prefix_tokens:].to(model.device)
+    received = privatized_prefix(runner, projection, bits, mu)(prefix, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        received = projection.reconstruct(privatize(projection.project(table[prefix]), projection.clip, scale, bits,
-                                                    generator))
         soft = (prompt.to(table.device).expand(len(segments), -1, -1) if prompt is not None
                 else received[:, :0])
         start = start_prefix(model, start_token(runner.tokenizer), len(segments))
         inputs = {"clean prefix": table[prefix], "nothing sent": start,
-                  "soft prompt alone": soft if prompt is not None else start, "private path": torch.cat([soft, received], 1),
+                  "soft prompt alone": soft if prompt is not None else start,
+                  "private path": torch.cat([soft, received], 1),
                   "mismatched control": torch.cat([soft, received.roll(1, 0)], 1)}
         return {row: torch.cat([continuation_loss(model, inputs[row][i : i + batch_size],
                                                   continuation[i : i + batch_size])

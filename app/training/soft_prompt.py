@@ -45,7 +45,8 @@ class SoftPromptConfig(TrainingConfig):
     lr: float = Field(1e-2, gt=0, le=1)
     objective: Literal["next_token", "distill"] = Field(
         "next_token", description="next-token loss on the text, or KL from the clean model given the clean prefix")
-    chat_examples: int = Field(0, ge=0, le=2000, description="chat examples to synthesize from the text (0: prose only)")
+    chat_examples: int = Field(0, ge=0, le=2000,
+                               description="chat examples to synthesize from the text (0: prose only)")
     floor_data: str | None = Field(HELD_OUT_NOVEL, description="held-out corpus the prompt must not be worse than "
                                                                "sending nothing on (None: skip the check)")
     floor_segments: int = Field(32, ge=2, le=10_000)
@@ -65,15 +66,14 @@ def init_from_text(runner: ModelRunner, text: str, length: int) -> torch.Tensor:
     return runner.input_embeddings[torch.tensor(ids)].detach().clone()
 
 
-def privatized_prefix(runner: ModelRunner, projection: Projection, config: SoftPromptConfig) -> Callable:
+def privatized_prefix(runner: ModelRunner, projection: Projection, bits: int, mu: float) -> Callable:
     """(prefix ids, generator) -> what the server rebuilds after the client's mechanism (no gradient)."""
     table = runner.input_embeddings
-    scale = MechanismParams.from_mu(config.mu, bits=config.bits, dim=projection.dim, clip=projection.clip).scale
+    scale = MechanismParams.from_mu(mu, bits=bits, dim=projection.dim, clip=projection.clip).scale
 
     def received(prefix: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
-            z = privatize(projection.project(table[prefix.to(table.device)]), projection.clip, scale, config.bits,
-                          generator)
+            z = privatize(projection.project(table[prefix.to(table.device)]), projection.clip, scale, bits, generator)
             return projection.reconstruct(z)
 
     return received
@@ -86,7 +86,7 @@ def private_prefix_loss(runner: ModelRunner, projection: Projection, config: Sof
 
     A continuation is scored up to its first end-of-turn token (chat answers are padded with it; prose has none).
     """
-    received_prefix = privatized_prefix(runner, projection, config)
+    received_prefix = privatized_prefix(runner, projection, config.bits, config.mu)
     stop_id = runner.tokenizer.eos_token_id
 
     def loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

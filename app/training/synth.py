@@ -64,7 +64,8 @@ def farthest_first(answers: list[list[int]], count: int) -> list[int]:
     return sorted(chosen)
 
 
-def generate_answers(runner: ModelRunner, prompts: torch.Tensor, max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+def generate_answers(runner: ModelRunner, prompts: torch.Tensor, max_new_tokens: int,
+                     batch_size: int = 16) -> list[list[int]]:
     """The model's greedy answer to each prompt (all the same length), up to and including its end-of-turn token."""
     eos = runner.tokenizer.eos_token_id
     answers = []
