@@ -3,6 +3,8 @@
 Each lives in its own folder of `soft_prompts/` in PEFT's prompt-tuning format (adapter_config.json,
 adapter_model.safetensors with key `prompt_embeddings`, loadable with `PeftModel.from_pretrained`) plus
 manifest.json: the projection id, n and mu it was trained for, whether it is served, and how it was trained.
+A prompt whose manifest's `floor_check` failed (worse than sending nothing on held-out text, see
+app/training/floor.py) is not served, even if marked active, unless the caller asks for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from app.artifacts import manifests, read_manifest, write_artifact
+from app.artifacts import MANIFEST, manifests, read_manifest, write_artifact
+from app.files import write_json_atomic
 from app.model_runner import ModelRunner
 from client_sdk.schemas import SoftPromptInfo
 
@@ -64,9 +67,29 @@ def load_soft_prompt(directory: Path) -> SoftPrompt:
                       tenant=manifest.get("dp", {}).get("tenant"))
 
 
-def load_soft_prompts(root: Path, model_id: str, hidden_size: int) -> list[SoftPrompt]:
-    """Every active soft prompt under `root` trained for this model and width; others are skipped."""
-    loaded = [load_soft_prompt(root / name) for name, m in manifests(root, model_id).items() if m.get("active")]
+def below_floor(manifest: dict) -> bool:
+    """Whether the manifest records a failed held-out check (worse than sending nothing)."""
+    return manifest.get("floor_check", {}).get("passes") is False
+
+
+def record_floor_check(directory: Path, check: dict) -> dict:
+    """Write a held-out check (floor.py's report, or {"passes": None, "reason": why} when skipped) into a soft
+    prompt's manifest; one that fails is also deactivated (the reason is kept as `inactive_reason`). Returns the
+    updated manifest."""
+    manifest = read_manifest(directory)
+    manifest["floor_check"] = check
+    if check.get("passes") is False:
+        manifest["active"] = False
+        manifest["inactive_reason"] = check["reason"]
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest
+
+
+def load_soft_prompts(root: Path, model_id: str, hidden_size: int, serve_below_floor: bool = False) -> list[SoftPrompt]:
+    """Every active soft prompt under `root` trained for this model and width, and not worse than sending nothing
+    (unless `serve_below_floor`); others are skipped."""
+    loaded = [load_soft_prompt(root / name) for name, m in manifests(root, model_id).items()
+              if m.get("active") and (serve_below_floor or not below_floor(m))]
     return [p for p in loaded if p.embeddings.shape[1] == hidden_size]
 
 

@@ -214,10 +214,13 @@ def test_shipped_artifacts_are_consistent() -> None:
     projections = manifests(settings.projection_dir, "smollm2")
     served = {m["id"] for m in projections.values() if m["active"]}
     prompts = manifests(settings.soft_prompt_dir, "smollm2")
-    assert len(served) == 1 and sum(m["active"] for m in prompts.values()) >= 3
+    assert len(served) == 1 and any(m["active"] for m in prompts.values())
     for name, manifest in prompts.items():
         assert manifest["projection_id"] in served, name
         assert manifest["held_out_loss"] < manifest["held_out_loss_without_prompt"], name
+        check = manifest["floor_check"]  # every shipped prompt was checked on the held-out novel
+        assert check["data"] == "austen-emma" and check["segments"] >= 32, name
+        assert check["passes"] or not manifest["active"], name  # none worse than sending nothing is served
         config = json.loads((settings.soft_prompt_dir / name / "adapter_config.json").read_text())
         assert (config["peft_type"], config["token_dim"]) == ("PROMPT_TUNING", 576)
 

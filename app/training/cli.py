@@ -65,7 +65,9 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
         bar.close()
     root = artifact_root(settings, kind)
     held = {k: round(v, 4) for k, v in manifest.items() if k.startswith("held_out_loss")}
-    typer.echo(f"wrote {root / config.name} ({'active' if activate else 'inactive'}); held-out loss {held}")
+    typer.echo(f"wrote {root / config.name} ({'active' if manifest['active'] else 'inactive'}); held-out loss {held}")
+    if "floor_check" in manifest:
+        typer.echo(manifest["floor_check"]["reason"])
     if "dp" in manifest:
         dp = manifest["dp"]
         typer.echo(f"DP-SGD: epsilon {dp['epsilon']:.3g} at delta {dp['delta']:.2g} (noise multiplier "
@@ -112,6 +114,12 @@ def soft_prompt(
     steps: int = typer.Option(100),
     batch_size: int = BATCH_SIZE,
     lr: float = typer.Option(1e-2),
+    objective: str = typer.Option("next_token", help="next_token (loss on the text) or distill (KL from the clean "
+                                                     "model given the clean prompt)"),
+    chat_examples: int = typer.Option(0, help="chat examples to synthesize from the text with the model's own "
+                                              "answers, trained on with the prose (0: prose only)"),
+    floor_data: str = typer.Option("austen-emma", help="held-out corpus it must not be worse than sending nothing "
+                                                       "on ('none': skip the check)"),
     prefix_tokens: int = PREFIX_TOKENS,
     continuation_tokens: int = CONTINUATION_TOKENS,
     seed: int = SEED,
@@ -121,7 +129,8 @@ def soft_prompt(
 ) -> None:
     """Train a soft prompt for one (projection, n, mu) with the mechanism active on the prompt part."""
     fields = dict(name=name, mu=mu, bits=bits, projection_id=projection_id, data=data,
-                  virtual_tokens=virtual_tokens, steps=steps, batch_size=batch_size, lr=lr,
+                  virtual_tokens=virtual_tokens, steps=steps, batch_size=batch_size, lr=lr, objective=objective,
+                  chat_examples=chat_examples, floor_data=None if floor_data == "none" else floor_data,
                   prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, seed=seed)
     _run("soft_prompt", fields, model, checkpoint, activate)
 
@@ -155,3 +164,41 @@ def dp_soft_prompt(
                   batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, accountant=accountant,
                   prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, seed=seed)
     _run("dp_soft_prompt", fields, model, None, activate)
+
+
+@train_cli.command("check")
+def check(
+    names: list[str] = typer.Argument(..., help="soft prompts (folders under soft_prompts/)"),
+    data: str = typer.Option("austen-emma", help="held-out corpus (one no prompt trained on)"),
+    segments: int = typer.Option(32, help="evenly spaced segments of 64 + 64 tokens"),
+    seed: int = typer.Option(0, help="seeds the prefix noise"),
+    model: str | None = MODEL,
+    record: bool = typer.Option(False, "--record", help="write the result into each manifest and deactivate "
+                                                        "those worse than sending nothing"),
+) -> None:
+    """Score soft prompts on held-out text against sending nothing, the clean prefix and the mismatched control."""
+    from app.artifacts import read_manifest
+    from app.model_runner import ModelRunner
+    from app.service import published_projections
+    from app.settings import ServerSettings
+    from app.soft_prompts import load_soft_prompt, record_floor_check
+    from app.training.config import load_text
+    from app.training.floor import floor_check
+    from app.training.jobs import upload_dir
+
+    settings = ServerSettings(**({"model": model} if model else {}))
+    runner = ModelRunner.load(settings.model, settings.cache_dir, settings.device)
+    projections = {pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
+    text = load_text(data, settings.data_dir, upload_dir(settings))
+    for name in names:
+        directory = settings.soft_prompt_dir / name
+        prompt = load_soft_prompt(directory)
+        manifest = read_manifest(directory)
+        result = floor_check(runner, projections[prompt.projection_id], prompt.bits, prompt.mu, prompt.embeddings,
+                             text, data, segments=segments, seed=seed)
+        ppl = {row: round(v, 1) for row, v in result["perplexity"].items()}
+        typer.echo(f"{name} ({manifest.get('objective', 'next_token')}, n={prompt.bits}, mu={prompt.mu:g}): {ppl}; "
+                   f"context retained {result['context_retained']:+.2f} (SE {result['context_retained_se']:.2f}); "
+                   f"{result['reason']}")
+        if record:
+            record_floor_check(directory, result)

@@ -9,13 +9,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+HELD_OUT_NOVEL = "austen-emma"
+"""Held out of all training: every soft prompt is checked on it (floor.py)."""
+NOVELS = ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")
 CORPORA = {
     "wikitext-2-valid": ["wikitext-2/valid.txt"],
     "wikitext-2-test": ["wikitext-2/test.txt"],
-    "austen": ["austen/emma.txt", "austen/mansfieldpark.txt", "austen/northangerabbey.txt",
-               "austen/prideprejudice.txt", "austen/sensesensibility.txt"],
-    **{f"austen-{name}": [f"austen/{name}.txt"] for name in
-       ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")},
+    "austen": [f"austen/{name}.txt" for name in NOVELS],
+    **{f"austen-{name}": [f"austen/{name}.txt"] for name in NOVELS},
+    # WikiText-2 valid and every novel but the held-out one: general prose to train on
+    "general": ["wikitext-2/valid.txt",
+                *(f"austen/{name}.txt" for name in NOVELS if f"austen-{name}" != HELD_OUT_NOVEL)],
 }
 
 
@@ -25,13 +29,17 @@ class DataError(ValueError):
 
 def read_corpus(name: str, data_dir: Path) -> str:
     """The text of a named corpus (see CORPORA) under `data_dir`."""
-    if name not in CORPORA:
-        raise DataError(f"unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
-    paths = [data_dir / p for p in CORPORA[name]]
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = missing_files(name, data_dir)
     if missing:
         raise DataError(f"corpus {name!r} is not on this machine (missing {', '.join(missing)})")
-    return "\n".join(p.read_text(encoding="utf-8") for p in paths)
+    return "\n".join((data_dir / p).read_text(encoding="utf-8") for p in CORPORA[name])
+
+
+def missing_files(name: str, data_dir: Path) -> list[str]:
+    """The files of a named corpus that are not under `data_dir` (DataError for an unknown name)."""
+    if name not in CORPORA:
+        raise DataError(f"unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
+    return [str(data_dir / p) for p in CORPORA[name] if not (data_dir / p).exists()]
 
 
 def parse_upload(data: bytes) -> str:

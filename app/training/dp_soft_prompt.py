@@ -54,6 +54,12 @@ class DPSoftPromptConfig(SoftPromptConfig):
     batch_size: int = Field(16, ge=1, le=4096)
 
     @model_validator(mode="after")
+    def _next_token_on_the_tenant_text(self) -> "DPSoftPromptConfig":
+        if self.objective != "next_token" or self.chat_examples:
+            raise ValueError("DP-SGD trains with the next-token objective on the tenant's text only")
+        return self
+
+    @model_validator(mode="after")
     def _physical_within_logical(self) -> "DPSoftPromptConfig":
         if self.physical_batch_size > self.batch_size:
             raise ValueError("physical_batch_size must not exceed batch_size")
@@ -129,7 +135,7 @@ def train_dp_soft_prompt(runner: ModelRunner, projection: Projection, config: DP
         module=wrapped, optimizer=optimizer, data_loader=loader, target_epsilon=config.target_epsilon,
         target_delta=delta, epochs=exact_epochs(config.steps, 1 / len(loader)), max_grad_norm=config.max_grad_norm,
         poisson_sampling=False, noise_generator=noise)
-    received_prefix = privatized_prefix(runner, projection, config)
+    received_prefix = privatized_prefix(runner, projection, config.bits, config.mu)
     mechanism_noise = torch.Generator().manual_seed(config.seed)
     state, batch_losses = LoopState(), []
     with warnings.catch_warnings():

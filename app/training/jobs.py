@@ -19,11 +19,15 @@ from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, publish
 from app.service import published_projections
 from app.settings import ServerSettings
-from app.training.config import load_text
+from app.soft_prompts import below_floor, load_soft_prompt, record_floor_check
+from app.training.config import UPLOAD, load_text
+from app.training.data import missing_files
+from app.training.floor import floor_check
 from app.training.dp_soft_prompt import DPSoftPromptConfig, train_dp_soft_prompt
 from app.training.loop import Cancelled
 from app.training.projection import ProjectionConfig, train_projection
 from app.training.soft_prompt import SoftPromptConfig, train_soft_prompt
+from app.training.synth import synthesize_chat
 from app.training.tenant_budget import TenantBudgets
 
 JobConfig = ProjectionConfig | SoftPromptConfig | DPSoftPromptConfig
@@ -62,16 +66,41 @@ def current_projections(runner: ModelRunner, settings: ServerSettings) -> dict[s
     return {pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
 
 
+def floor_text(settings: ServerSettings, config: JobConfig) -> str | None:
+    """The held-out text a soft prompt is checked on, or None (no check asked for, or the corpus is not here)."""
+    if isinstance(config, ProjectionConfig) or config.floor_data is None:
+        return None
+    if not UPLOAD.match(config.floor_data) and missing_files(config.floor_data, settings.data_dir):
+        return None
+    return load_text(config.floor_data, settings.data_dir, upload_dir(settings))
+
+
+def check_against_floor(runner: ModelRunner, config: SoftPromptConfig, projection: Projection, directory: Path,
+                        held_out: str | None) -> dict:
+    """Score the trained prompt on its held-out text against sending nothing and record it (floor.py)."""
+    if held_out is None:
+        return record_floor_check(directory, {"passes": None, "reason": f"held-out corpus {config.floor_data!r} is "
+                                                                         "not on this machine: not checked"})
+    check = floor_check(runner, projection, config.bits, config.mu, load_soft_prompt(directory).embeddings, held_out,
+                        config.floor_data, prefix_tokens=config.prefix_tokens,
+                        continuation_tokens=config.continuation_tokens, segments=config.floor_segments,
+                        seed=config.seed)
+    return record_floor_check(directory, check)
+
+
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
                  projections: dict[str, Projection], *, activate: bool = False, checkpoint: Path | None = None,
                  cancel: threading.Event | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> dict:
     """Run one training config to its artifact (served if `activate`) and drop its checkpoint; returns the manifest.
 
-    `projections` (by id) are those a soft prompt may target. DP runs take no checkpoint: a resumed one starts
-    over (its tenant was charged once, and only the finished prompt is ever released).
+    `projections` (by id) are those a soft prompt may target. A soft prompt is checked on its held-out text
+    (`floor_data`) and one worse than sending nothing there is not activated (its manifest says why). DP runs take
+    no checkpoint: a resumed one starts over (its tenant was charged once, and only the finished prompt is ever
+    released).
     """
     text = load_text(config.data, settings.data_dir, upload_dir(settings))
+    held_out = floor_text(settings, config)
     if isinstance(config, ProjectionConfig):
         manifest = train_projection(runner, config, text, settings.projection_dir, checkpoint=checkpoint,
                                     cancel=cancel, on_step=on_step)
@@ -81,15 +110,21 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
         manifest = train_dp_soft_prompt(runner, projections[config.projection_id], config, text,
                                         settings.soft_prompt_dir, cancel=cancel, on_step=on_step)
     else:
+        chat = (synthesize_chat(runner, text, config.chat_examples, prefix_tokens=config.prefix_tokens,
+                                continuation_tokens=config.continuation_tokens, seed=config.seed,
+                                max_new_tokens=min(48, config.continuation_tokens),
+                                cache_dir=settings.cache_dir / "synth") if config.chat_examples else None)
         manifest = train_soft_prompt(runner, projections[config.projection_id], config, text,
-                                     settings.soft_prompt_dir, checkpoint=checkpoint, cancel=cancel, on_step=on_step)
+                                     settings.soft_prompt_dir, chat=chat, checkpoint=checkpoint, cancel=cancel,
+                                     on_step=on_step)
     directory = artifact_root(settings, manifest["kind"]) / config.name
     if not isinstance(config, ProjectionConfig) and config.projection_id not in current_projections(runner, settings):
         delete_artifact(directory)  # a soft prompt for a projection that is gone would never be served
         raise ValueError(f"projection {config.projection_id!r} was deleted while the job ran; nothing was kept")
-    if activate:
-        set_active(directory, True)
-        manifest = {**manifest, "active": True}
+    if not isinstance(config, ProjectionConfig) and config.floor_data is not None:
+        manifest = check_against_floor(runner, config, projections[config.projection_id], directory, held_out)
+    if activate and not below_floor(manifest):
+        manifest = set_active(directory, True)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return manifest
@@ -280,6 +315,8 @@ class JobManager:
                                 checkpoint=checkpoint, cancel=self._cancel[job.id], on_step=on_step)
         job.step, job.losses = manifest["steps"], manifest["loss_curve"]  # also when a resumed run had no steps left
         job.held_out = {k: v for k, v in manifest.items() if k.startswith("held_out_loss")}
+        if "floor_check" in manifest:
+            job.held_out |= {f"floor_check_{row}": nll for row, nll in manifest["floor_check"].get("nll", {}).items()}
         self.on_artifact()  # served before the job reports success
 
     def _finish(self, job: Job, state: JobState) -> None:
