@@ -107,7 +107,7 @@ def test_dp_soft_prompt_jobs_charge_the_tenant_and_are_refused_past_the_limit(ad
     started = admin.post("/admin/dp-soft-prompts", json=body, headers=KEY)
     assert started.status_code == 202 and started.json()["kind"] == "dp_soft_prompt"
     job = finished(admin, started.json()["id"])
-    assert job["state"] == "succeeded" and job["step"] == 2
+    assert job["state"] == "succeeded" and job["step"] == 2, job.get("error")
     manifest = next(a for a in admin.get("/admin/soft-prompts", headers=KEY).json() if a["name"] == "acme-dp")["manifest"]
     assert 0 < manifest["dp"]["epsilon"] <= 3.0 and manifest["dp"]["tenant"] == "acme"
 

@@ -150,11 +150,13 @@ def test_a_distillation_job_with_chat_data_records_its_objective_and_floor_check
     (settings.data_dir / "wikitext-2" / "valid.txt").write_text(corpus())
     (settings.data_dir / "austen").mkdir(parents=True)
     (settings.data_dir / "austen" / "emma.txt").write_text(corpus(seed=1))
+    from app.service import published_projections
+
     runner = tiny_runner()
-    projection = pca_projection(runner.input_embeddings.detach(), 8, 2.0)
-    config = SoftPromptConfig(name="d", projection_id="0123456789abcdef", mu=20.0, virtual_tokens=3, steps=3,
+    pid, published = next(iter(published_projections(runner, settings).items()))  # the server's PCA projection
+    config = SoftPromptConfig(name="d", projection_id=pid, mu=20.0, virtual_tokens=3, steps=3,
                               objective="distill", chat_examples=3, floor_segments=4, **{**SHAPE, "prefix_tokens": 24})
-    manifest = run_training(runner, settings, config, {"0123456789abcdef": projection}, activate=True)
+    manifest = run_training(runner, settings, config, {pid: published.projection}, activate=True)
     assert manifest["objective"] == "distill" and manifest["chat_examples"] >= 1
     check = manifest["floor_check"]
     assert check["data"] == "austen-emma" and check["segments"] == 4

@@ -122,9 +122,12 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
         delete_artifact(directory)  # a soft prompt for a projection that is gone would never be served
         raise ValueError(f"projection {config.projection_id!r} was deleted while the job ran; nothing was kept")
     if not isinstance(config, ProjectionConfig) and config.floor_data is not None:
-        manifest = check_against_floor(runner, config, projections[config.projection_id], directory, held_out)
+        checked = check_against_floor(runner, config, projections[config.projection_id], directory, held_out)
+        # the in-memory manifest keeps what a DP artifact's file does not (its training record, for the job)
+        manifest |= {k: checked[k] for k in ("floor_check", "active", "inactive_reason") if k in checked}
     if activate and not below_floor(manifest):
-        manifest = set_active(directory, True)
+        set_active(directory, True)
+        manifest = {**manifest, "active": True}
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return manifest
