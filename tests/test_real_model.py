@@ -66,7 +66,11 @@ def test_shipped_artifacts_match_this_model_and_serve_the_default_settings(smoll
         catalog = app.state.service.catalog
         shipped = {m["id"] for m in manifests(settings.projection_dir, "smollm2").values() if m["active"]}
         assert shipped and shipped <= set(catalog.projections)  # the ids recomputed here are the shipped ones
-        assert {s.projection_id for s in catalog.soft_prompts} <= shipped and len(catalog.soft_prompts) >= 3
+        assert {s.projection_id for s in catalog.soft_prompts} <= shipped
+        # served: exactly the active prompts that passed their held-out check against sending nothing
+        passed = {name for name, m in manifests(settings.soft_prompt_dir, "smollm2").items()
+                  if m["active"] and m.get("floor_check", {}).get("passes")}
+        assert passed and {s.name for s in catalog.soft_prompts} == passed
         with PrivateLLMClient(server.url, cache_dir=tmp_path / "client") as client:
             assert client.bundle.info.defaults.projection_id in shipped
             result = client.generate("What is the capital of France?", max_new_tokens=40, stop=["\n"])
