@@ -157,6 +157,7 @@ class Bench:
         self.log_prior = attacks.unigram_log_prior(prior_ids, len(self.table))
         self.function_words = attacks.most_frequent(prior_ids, 100)
         self.chat_prompts = chat_prompts
+        self.reference_answers: list[str] | None = None
         self._strongest: dict[tuple, dict] = {}
 
     @classmethod
@@ -378,7 +379,12 @@ class Bench:
         for start in range(0, len(embeds), 16):
             chunk = embeds[start : start + 16]
             answers += [text for text, _ in self.runner.generate_batch(chunk, [params] * len(chunk))]
-        return {**info, "answers": answers, "clean_share": float(np.mean([not degenerate(a) for a in answers]))}
+        out = {**info, "answers": answers, "clean_share": float(np.mean([not degenerate(a) for a in answers]))}
+        if row == "clean":
+            self.reference_answers = answers
+        elif self.reference_answers is not None:
+            out.update(self.coh(answers, self.reference_answers))
+        return out
 
     def coh(self, answers: list[str], reference: list[str]) -> dict:
         """COH against the clean answers, per prompt, with its bootstrap SE."""
@@ -450,19 +456,20 @@ def first_cells(bench: Bench) -> list[Cell]:
 
 
 def later_cells(bench: Bench, operating_mu: float | None) -> list[Cell]:
-    """Everything else, the operating point's rows first."""
+    """Everything else: the operating point's rows first, then the held-out text's, then the rest."""
     plan = bench.plan
     operating = [(4, operating_mu)] if operating_mu is not None else []
     todo: list[Cell] = [("chat/clean", lambda: bench.chat("clean")), ("chat/blank", lambda: bench.chat("blank"))]
+    todo += [(f"audit/{level_key(n, mu)}", lambda n=n, m=mu: bench.audit(n, m)) for n, mu in [*operating, *plan.levels]]
     todo += level_cells(bench, operating, plan.corpora) + chat_cells(bench, operating)
     for corpus in plan.corpora:
         todo += [(f"{corpus}/{name}", lambda c=corpus, name=name: bench.floor(c, name))
                  for name in ("clean", "nothing", "placeholder")]
-    todo += level_cells(bench, [lv for lv in plan.levels if lv[0] == 4], plan.corpora)
-    todo += chat_cells(bench, list(plan.levels))
+    n4 = [lv for lv in plan.levels if lv[0] == 4]
+    todo += level_cells(bench, n4, plan.corpora[::-1])
     todo += level_cells(bench, [lv for lv in plan.levels if lv[0] != 4], plan.corpora)
+    todo += chat_cells(bench, list(plan.levels))
     todo += [(f"{corpus}/attacks/prior-alone", lambda c=corpus: bench.prior_alone(c)) for corpus in plan.corpora]
-    todo += [(f"audit/{level_key(n, mu)}", lambda n=n, m=mu: bench.audit(n, m)) for n, mu in [*plan.levels, *operating]]
     seen, unique = set(), []
     for key, compute in todo:
         if key not in seen:
@@ -471,34 +478,27 @@ def later_cells(bench: Bench, operating_mu: float | None) -> list[Cell]:
     return unique
 
 
-def finish(bench: Bench, results: dict) -> dict:
-    """COH of the chat rows (needs the clean answers), the run's metadata."""
-    cells = results["cells"]
-    if "chat/clean" in cells:
-        reference = cells["chat/clean"]["answers"]
-        for key, cell in cells.items():
-            if key.startswith("chat/") and key != "chat/clean" and "coh" not in cell:
-                cell.update(bench.coh(cell["answers"], reference))
-    results.update(model=bench.runner.model_id, dim=bench.dim, clip=bench.clip, gaussian_bound=bench.gaussian_bound,
-                   corpora={name: {"sha256": s.sha256, "segments": len(s.prefix_ids),
-                                   "private_share": float(s.private.mean())} for name, s in bench.samples.items()},
-                   prior_corpora=list(PRIOR_CORPORA), placeholder=PLACEHOLDER, communication=bench.communication(),
-                   soft_prompts=[p.name for p in bench.soft_prompts], distilled=[p.name for p in bench.distilled],
-                   information_ceiling={level_key(n, mu): information_ceiling(mu, bench.dim) for n, mu in
-                                        bench.plan.levels})
-    return results
+def metadata(bench: Bench) -> dict:
+    """What describes the run rather than one cell."""
+    return dict(model=bench.runner.model_id, dim=bench.dim, clip=bench.clip, gaussian_bound=bench.gaussian_bound,
+                corpora={name: {"sha256": s.sha256, "segments": len(s.prefix_ids),
+                                "private_share": float(s.private.mean())} for name, s in bench.samples.items()},
+                prior_corpora=list(PRIOR_CORPORA), placeholder=PLACEHOLDER, communication=bench.communication(),
+                soft_prompts=[p.name for p in bench.soft_prompts], distilled=[p.name for p in bench.distilled],
+                information_ceiling={level_key(n, mu): information_ceiling(mu, bench.dim) for n, mu in
+                                     bench.plan.levels})
 
 
 def run(bench: Bench, path: Path, fresh: bool = False) -> dict:
     """Compute every missing cell (resumable): the calibration first, then the rest with the operating point."""
-    plan = dataclasses.asdict(bench.plan)
-    results = run_cells(path, plan, first_cells(bench), fresh=fresh, desc="privacy-utility (calibration)")
+    plan, about = dataclasses.asdict(bench.plan), metadata(bench)
+    results = run_cells(path, plan, first_cells(bench), fresh=fresh, desc="privacy-utility (calibration)",
+                        metadata=about)
     operating = results["cells"].get(f"calibrate/n4/{OPERATING_TARGET:g}", {}).get("mu")
-    results = run_cells(path, plan, later_cells(bench, operating), desc="privacy-utility")
-    results["operating_mu"] = operating
-    results = finish(bench, results)
-    write_json_atomic(path, results)
-    return results
+    if "chat/clean" in results["cells"]:
+        bench.reference_answers = results["cells"]["chat/clean"]["answers"]
+    return run_cells(path, plan, later_cells(bench, operating), desc="privacy-utility",
+                     metadata={**about, "operating_mu": operating})
 
 
 def operating_point(results: dict, command: str) -> dict | None:
@@ -519,6 +519,8 @@ def main() -> None:
     parser.add_argument("--corpus", nargs="+", default=None,
                         help=f"named corpora or UTF-8 text files to evaluate on (default: {' '.join(DEFAULT_CORPORA)})")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and markdown go")
+    parser.add_argument("--render-only", action="store_true",
+                        help="write the markdown, plots and operating point of the saved (possibly partial) run")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is much faster on a machine shared with other jobs)")
     args = parser.parse_args()
@@ -531,13 +533,17 @@ def main() -> None:
         plan = dataclasses.replace(plan, corpora=tuple(args.corpus))
         if tuple(args.corpus) != DEFAULT_CORPORA:
             stem += "-" + "-".join(Path(c).stem for c in args.corpus)
-    bench = Bench.from_settings(ServerSettings(), plan)
-    results = run(bench, args.out / f"{stem}.json", fresh=args.fresh)
+    path = args.out / f"{stem}.json"
+    if args.render_only:
+        results = json.loads(path.read_text())
+    else:
+        results = run(Bench.from_settings(ServerSettings(), plan), path, fresh=args.fresh)
     markdown = render(results)
     write_bytes_atomic(args.out / f"{stem}.md", markdown.encode())
     print(markdown)
     if not args.quick and plan.corpora == DEFAULT_CORPORA:
-        record = operating_point(results, "python -m bench.privacy_utility " + shlex.join(sys.argv[1:]))
+        record = operating_point(results, "python -m bench.privacy_utility " + shlex.join(
+            a for a in sys.argv[1:] if a not in ("--fresh", "--render-only")))
         if record is not None:
             write_json_atomic(args.out / "operating-point.json", record)
             print(f"operating point: {record}")

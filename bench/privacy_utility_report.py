@@ -298,6 +298,7 @@ def plot(results: dict, directory: Path, prefix: str) -> list[Path]:
             top.plot(*zip(*sorted(pairs)), color="black", linestyle="--", label="information ceiling (DEL, vs nothing)")
         top.axhline(0, color="grey", linewidth=0.8)
         top.set_xscale("symlog", linthresh=0.01)
+        top.set_xlim(left=0)
         top.set_xlabel("strongest attack's token recovery (selective: on private spans); labels: mu")
         top.set_ylabel("context retained vs the mismatched control (± 2 SE)")
         top.set_title(f"{corpus}, n=4: utility against the strongest attacker", fontsize=9)
