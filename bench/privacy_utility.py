@@ -32,8 +32,6 @@ import argparse
 import dataclasses
 import json
 import math
-import shlex
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,7 +446,8 @@ def first_cells(bench: Bench) -> list[Cell]:
     """What the operating point needs, first: the first corpus's floors and the calibration (whose attacks at the
     plan's n=4 levels are then saved as their own cells)."""
     plan, corpus = bench.plan, bench.plan.corpora[0]
-    todo: list[Cell] = [(f"{corpus}/{name}", lambda name=name: bench.floor(corpus, name)) for name in ("clean", "nothing")]
+    todo: list[Cell] = [(f"{corpus}/{name}", lambda name=name: bench.floor(corpus, name))
+                        for name in ("clean", "nothing")]
     todo += [(f"calibrate/n4/{t:g}", lambda t=t: bench.calibrate(4, t)) for t in plan.targets]
     todo += [(f"{corpus}/attacks/del/{level_key(4, mu)}", lambda m=mu: bench.del_attacks(corpus, 4, m))
              for n, mu in plan.levels if n == 4]
@@ -542,8 +541,7 @@ def main() -> None:
     write_bytes_atomic(args.out / f"{stem}.md", markdown.encode())
     print(markdown)
     if not args.quick and plan.corpora == DEFAULT_CORPORA:
-        record = operating_point(results, "python -m bench.privacy_utility " + shlex.join(
-            a for a in sys.argv[1:] if a not in ("--fresh", "--render-only")))
+        record = operating_point(results, "python -m bench.privacy_utility")  # the full plan on the default texts
         if record is not None:
             write_json_atomic(args.out / "operating-point.json", record)
             print(f"operating point: {record}")

@@ -140,7 +140,8 @@ def main() -> None:
     plot(floors, levels, sample.corpus, suffix, settings)
 
 
-def plot(floors: dict[str, list[float]], levels: list[dict], corpus: str, suffix: str, settings: ServerSettings) -> None:
+def plot(floors: dict[str, list[float]], levels: list[dict], corpus: str, suffix: str,
+         settings: ServerSettings) -> None:
     """Perplexity per row and level against the two references, and every shipped artifact's loss curve."""
     plt = pyplot()
     if plt is None:
