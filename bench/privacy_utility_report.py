@@ -147,7 +147,7 @@ def render(results: dict) -> str:
                                                    f"{blank['coh_se']:.3f}" if blank and "coh" in blank else ""), ""]
 
     for corpus in corpora:
-        out += [f"### {corpus}", "", "**Floors**", ""]
+        out += ["", f"### {corpus}", "", "**Floors**", ""]
         rows = []
         for name, label in (("clean", "clean prefix (no privacy)"), ("nothing", "sending nothing"),
                             ("placeholder", f"private spans replaced by \"{results.get('placeholder', '')}\", "
