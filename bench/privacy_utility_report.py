@@ -120,8 +120,9 @@ def render(results: dict) -> str:
 
     out += ["### Summary per level", ""]
     rows = []
-    summary_levels = [lv for lv in levels_of(cells, corpora[0], "del-sp")
-                      if cells[f"{corpora[0]}/del-sp/{_key(*lv)}"].get("soft_prompt_exact")]
+    summary_levels = sorted({lv for corpus in corpora for lv in levels_of(cells, corpus, "del-sp")
+                             if cells[f"{corpus}/del-sp/{_key(*lv)}"].get("soft_prompt_exact")},
+                            key=lambda lv: (-lv[0], lv[1]))
     if operating is not None and (4, operating) not in summary_levels:
         summary_levels.append((4, operating))
     for bits, mu in summary_levels:
@@ -153,9 +154,11 @@ def render(results: dict) -> str:
                             ("placeholder", f"private spans replaced by \"{results.get('placeholder', '')}\", "
                                             "the rest clean")):
             rows.append([label, utility_text(cells, corpus, f"{corpus}/{name}")])
+        shown = set()
         for bits, mu in levels_of(cells, corpus, "sp-nothing"):
             cell = cells[f"{corpus}/sp-nothing/{_key(bits, mu)}"]
-            if cell.get("soft_prompt"):
+            if cell.get("soft_prompt") and cell["soft_prompt"] not in shown:
+                shown.add(cell["soft_prompt"])
                 rows.append([f"soft prompt {cell['soft_prompt']}, nothing sent",
                              utility_text(cells, corpus, f"{corpus}/sp-nothing/{_key(bits, mu)}")])
         out.append(_table(["row", "perplexity; retained"], rows))
