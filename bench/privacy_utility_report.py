@@ -300,6 +300,7 @@ def plot(results: dict, directory: Path, prefix: str) -> list[Path]:
         if pairs:
             top.plot(*zip(*sorted(pairs)), color="black", linestyle="--", label="information ceiling (DEL, vs nothing)")
         top.axhline(0, color="grey", linewidth=0.8)
+        top.set_ylim(-0.5, 1.1)  # an undetermined ratio (control as good as clean) has error bars beyond this
         top.set_xscale("symlog", linthresh=0.01)
         top.set_xlim(left=0)
         top.set_xlabel("strongest attack's token recovery (selective: on private spans); labels: mu")
