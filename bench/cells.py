@@ -14,10 +14,12 @@ from app.files import write_json_atomic
 Cell = tuple[str, Callable[[], dict]]
 
 
-def run_cells(path: Path, plan: dict, cells: list[Cell], *, fresh: bool = False, desc: str = "cells") -> dict:
+def run_cells(path: Path, plan: dict, cells: list[Cell], *, fresh: bool = False, desc: str = "cells",
+              metadata: dict | None = None) -> dict:
     """Compute every cell not yet saved in `path` under the same `plan`, saving after each; returns the results.
 
-    A saved run of a different plan is refused (SystemExit) unless `fresh`, so results are never mixed.
+    A saved run of a different plan is refused (SystemExit) unless `fresh`, so results are never mixed. `metadata`
+    (what describes the run rather than one cell) is saved with the first cell, so a partial run is readable.
     """
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as they come back from the file
     results = {"plan": plan, "cells": {}, "seconds": 0.0}
@@ -26,6 +28,7 @@ def run_cells(path: Path, plan: dict, cells: list[Cell], *, fresh: bool = False,
         if saved.get("plan") != plan:
             raise SystemExit(f"{path} holds a run with a different plan; pass --fresh to start over")
         results = saved
+    results.update(metadata or {})
     todo = [(key, compute) for key, compute in cells if key not in results["cells"]]
     if len(todo) < len(cells):
         print(f"resuming {path}: {len(todo)} of {len(cells)} cells left")

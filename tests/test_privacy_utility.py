@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import hashlib
 import zlib
 
 import numpy as np
@@ -11,60 +11,45 @@ import torch
 
 from app.reconstruction import pca_projection
 from app.soft_prompts import SoftPrompt
+from app.training.data import DataError
 from bench import privacy_utility
-from bench.attacks import calibrate_mu, language_model_attack, recovery_rate
-from client_sdk import wire
-from bench.pipeline import PREFIX
-from bench.privacy_utility import Bench, Plan, run
-from bench.privacy_utility_report import ROW_NAMES, render
-from client_sdk.accounting import gdp
-from client_sdk.mechanism import MechanismParams, quantize, secure_rng
+from bench.pipeline import PREFIX, Sample, load_sample, name_characters, segment_nlls
+from bench.privacy_utility import Bench, Plan, degenerate, operating_point, run
+from bench.privacy_utility_report import ROWS, ceiling, render, retained
 from tests.conftest import tiny_runner
 
-PLAN = Plan(segments=3, mus=(0.5, 2000.0), bits=(2,), new_tokens=3, audit_samples=4000, search_steps=3)
-
-
-def test_calibrate_mu_brackets_the_target_of_a_known_curve() -> None:
-    found = calibrate_mu(lambda mu: mu / (1 + mu), 0.5, 0.01, 100.0, steps=12)  # reaches 0.5 at mu = 1
-    assert found["low"] < 1.0 <= found["high"] == found["mu"]
-    assert found["high"] / found["low"] < 1.01
-    assert found["success"] >= 0.5
-
-
-def test_calibrate_mu_reports_targets_out_of_reach() -> None:
-    assert calibrate_mu(lambda mu: 0.01, 0.1, 0.1, 1000.0, steps=5)["mu"] is None
-    assert calibrate_mu(lambda mu: 0.5, 0.1, 0.1, 1000.0, steps=5)["mu"] == 0.1
-
-
-def test_the_language_model_attack_reads_loose_payloads_and_falls_back_to_its_prior() -> None:
-    runner = tiny_runner()
-    table = np.random.default_rng(0).uniform(-1, 1, size=(runner.model.config.vocab_size, 8))
-    truth = np.random.default_rng(1).integers(3, len(table), size=(4, 10))
-    loose = MechanismParams.from_mu(5000.0, bits=4, dim=8, clip=1.0)
-    levels = quantize(table[truth], loose, secure_rng(0))
-    assert recovery_rate(language_model_attack(levels, table, loose, runner.model, 1), truth) > 0.95
-    prior = language_model_attack(levels, table, loose, runner.model, 1, prior_only=True)
-    assert (prior == prior[0]).all()  # no payload: every prompt gets the same guesses
+PLAN = Plan(corpora=("first", "second"), segments=3, attack_segments=2, levels=((4, 0.5), (4, 2000.0), (2, 2000.0)),
+            beam=2, chat_prompts=2, chat_tokens=3, audit_samples=4000, search_steps=1, targets=(0.5,))
 
 
 def hashed_words(texts: list[str]) -> np.ndarray:
     """A stand-in sentence encoder: unit-norm bags of hashed words."""
     vectors = np.zeros((len(texts), 64))
     for row, text in enumerate(texts):
-        for word in text.split():
+        for word in text.split() or [""]:
             vectors[row, zlib.crc32(word.encode()) % 64] += 1
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+
+
+def tiny_sample(name: str, seed: int, vocab: int) -> Sample:
+    ids = torch.randint(3, vocab, (PLAN.segments, 2 * PREFIX), generator=torch.Generator().manual_seed(seed))
+    private = np.zeros((PLAN.segments, PREFIX), dtype=bool)
+    private[:, 5:8] = True
+    private[:, 20] = True
+    return Sample(name, "0" * 64, ids[:, :PREFIX], ids[:, PREFIX:], private)
 
 
 @pytest.fixture(scope="module")
 def bench() -> Bench:
     runner = tiny_runner()
     table = runner.input_embeddings.detach()
-    ids = torch.randint(3, len(table), (PLAN.segments, 2 * PREFIX), generator=torch.Generator().manual_seed(0))
-    projections = {"PCA": pca_projection(table, 8, 1.0), "trained": pca_projection(table, 8, 1.0)}
-    soft_prompt = SoftPrompt("tiny-sp", "", 2, 1.0, torch.randn(4, table.shape[1]))
-    bench = Bench(runner, ids[:, :PREFIX], ids[:, PREFIX:], projections, [soft_prompt], hashed_words, 1.0, PLAN)
-    soft_prompt.projection_id = bench.published["trained"].id
+    samples = [tiny_sample("first", 0, len(table)), tiny_sample("second", 1, len(table))]
+    soft_prompt = SoftPrompt("tiny-sp", "", 4, 0.5, torch.randn(4, table.shape[1]))
+    distilled = SoftPrompt("tiny-distilled", "", 4, 2000.0, torch.randn(2, table.shape[1]))
+    prior = np.random.default_rng(0).integers(3, len(table), size=500)
+    bench = Bench(runner, samples, pca_projection(table, 8, 1.0), [soft_prompt], [distilled], hashed_words, 1.0,
+                  PLAN, prior, ["what is the capital of france ?", "hello world"])
+    soft_prompt.projection_id = distilled.projection_id = bench.published.id
     return bench
 
 
@@ -77,36 +62,79 @@ def saved(bench: Bench, tmp_path_factory) -> tuple:
 def test_a_run_measures_every_cell_and_resumes_without_recomputing(bench: Bench, saved, monkeypatch) -> None:
     path, results = saved
     cells = results["cells"]
-    assert set(cells) == {key for key, _ in privacy_utility.cells(bench)}
-
-    strict, loose = cells["del-trained/n2/mu0.5"], cells["del-trained/n2/mu2000"]
-    assert strict["attacks"]["maximum-likelihood"] < 0.5 < loose["attacks"]["maximum-likelihood"]
-    assert cells["gaussian/n2/mu2000"]["epsilon_per_token"] == pytest.approx(gdp.epsilon_for_delta(2000.0, 1e-5))
-    assert strict["epsilon_per_token"] < strict["epsilon_prompt"]
-    assert cells["del-trained-sp/n2/mu0.5"]["soft_prompt"] == "tiny-sp"
-    assert cells["del-trained-sp/n2/mu0.5"]["soft_prompt_exact"] is False
-    for mu in PLAN.mus:
-        audit = cells[f"audit/n2/mu{mu:g}"]
-        assert audit["epsilon_lower"] <= audit["epsilon_accountant"]
-    assert results["communication"]["bits"]["2"]["payload_bytes"] == wire.payload_size(PREFIX, 8, 2)
+    operating = results["operating_mu"]
+    expected = {key for key, _ in privacy_utility.first_cells(bench) + privacy_utility.later_cells(bench, operating)}
+    assert set(cells) == expected
+    assert "first/del-distilled/n4/mu2000" in cells and "second/selective/n4/mu0.5" in cells
+    strict, loose = (cells[f"first/attacks/del/n4/mu{mu}"]["attacks"]["maximum-likelihood"]["all"]["rate"]
+                     for mu in ("0.5", "2000"))
+    assert strict < 0.5 < loose
+    assert cells["first/del-sp/n4/mu0.5"]["soft_prompt"] == "tiny-sp"
+    assert cells["first/del-sp/n4/mu0.5"]["soft_prompt_exact"] is True
+    assert cells["first/del-sp/n2/mu2000"]["soft_prompt"] is None  # no n=2 prompt: the row says so
+    for key in (k for k in cells if k.startswith("audit/")):
+        assert cells[key]["epsilon_lower"] <= cells[key]["epsilon_accountant"]
+    assert {"coh", "coh_se", "clean_share"} <= set(cells["chat/blank"])
+    assert results["corpora"]["first"]["private_share"] == pytest.approx(4 / PREFIX)
 
     markdown = render(results)
-    assert all(name in markdown for name in ROW_NAMES.values())
-    assert "clean prefix (no privacy) | " + f"{math.exp(cells['clean']['nll']):.1f} | +1.00" in markdown
+    assert all(label in markdown for label in ROWS.values())
+    assert "Calibrating mu" in markdown and "### first" in markdown and "### second" in markdown
 
-    def fail(*args: object) -> dict:
+    def fail(*args: object, **kwargs: object) -> dict:
         raise AssertionError("a saved cell was computed again")
 
-    monkeypatch.setattr(Bench, "private_row", fail)
-    monkeypatch.setattr(Bench, "floor", fail)
-    assert run(bench, path)["cells"] == cells
+    for method in ("row", "floor", "del_attacks", "gaussian_attacks", "chat", "calibrate", "audit", "prior_alone"):
+        monkeypatch.setattr(Bench, method, fail)
+    assert run(bench, path)["cells"].keys() == cells.keys()
 
 
-def test_a_saved_run_of_another_plan_is_not_mixed_in(bench: Bench, tmp_path) -> None:
-    path = tmp_path / "run.json"
-    path.write_text('{"plan": {"segments": 99}, "cells": {}}')
-    with pytest.raises(SystemExit, match="--fresh"):
-        run(bench, path)
+def test_the_mismatched_control_scores_each_continuation_after_the_previous_segments_payload(bench: Bench,
+                                                                                             saved) -> None:
+    cell = saved[1]["cells"]["first/del/n4/mu0.5"]
+    sample = bench.samples["first"]
+    prefix = bench.del_prefix(sample, 4, 0.5)
+    for i in range(len(prefix)):  # one segment at a time: an independent computation of the pairing
+        alone = segment_nlls(bench.model, prefix[i - 1 : i] if i else prefix[-1:], sample.continuations[i : i + 1])
+        assert cell["nll_mismatched"][i] == pytest.approx(float(alone[0]), rel=1e-5)
+        own = segment_nlls(bench.model, prefix[i : i + 1], sample.continuations[i : i + 1])
+        assert cell["nll"][i] == pytest.approx(float(own[0]), rel=1e-5)
+
+
+def test_selective_privacy_noises_only_the_private_spans_and_the_placeholder_replaces_them(bench: Bench) -> None:
+    sample = bench.samples["first"]
+    selective = bench.selective_prefix(sample, 4, 0.5)
+    clean = bench.table[sample.prefix_ids]
+    public = torch.from_numpy(~sample.private)
+    assert torch.equal(selective[public], clean[public])
+    assert not torch.allclose(selective[~public], clean[~public])
+    prefixes = bench.placeholder_prefixes(sample)
+    placeholder = bench.runner.tokenizer(privacy_utility.PLACEHOLDER, add_special_tokens=False)["input_ids"]
+    assert [len(p) for p in prefixes] == [PREFIX - 4 + 2 * len(placeholder)] * PLAN.segments  # two runs of spans
+
+
+def test_retained_and_its_se_against_an_independent_computation() -> None:
+    rng = np.random.default_rng(0)
+    clean, reference = rng.normal(3.0, 0.3, 50), rng.normal(4.0, 0.3, 50)
+    row = 0.5 * clean + 0.5 * reference + rng.normal(0, 0.01, 50)
+    value, se = retained(row.tolist(), reference.tolist(), clean.tolist())
+    assert value == pytest.approx((reference.mean() - row.mean()) / (reference.mean() - clean.mean()))
+    indices = np.random.default_rng(1).integers(50, size=(3000, 50))
+    replicates = [(reference[i].mean() - row[i].mean()) / (reference[i].mean() - clean[i].mean()) for i in indices]
+    assert se == pytest.approx(np.std(replicates), rel=0.15)
+    assert ceiling(1e-6, 72, 4.0, 3.0) == pytest.approx(0.0, abs=1e-9)
+    assert ceiling(1e6, 72, 4.0, 3.0) == 1.0
+
+
+def test_the_operating_point_record_has_the_schema_other_tools_read(saved) -> None:
+    results = {**saved[1], "cells": dict(saved[1]["cells"])}
+    found = results["cells"]["calibrate/n4/0.5"]
+    assert found["corpus"] == "first" and operating_point(results, "cmd") is None  # only from WikiText-2 test
+    results["cells"]["calibrate/n4/0.05"] = {**found, "corpus": "wikitext-2-test", "mu": 7.0}
+    record = operating_point(results, "cmd")
+    assert set(record) == {"bits", "dim", "mu", "epsilon_per_token", "attack", "recovery", "recovery_content",
+                           "target", "corpus", "command"}
+    assert record["target"] == 0.05 and record["mu"] == 7.0 and record["attack"] in found["attacks"]
 
 
 def test_the_plots_are_written(saved, tmp_path) -> None:
@@ -114,6 +142,29 @@ def test_the_plots_are_written(saved, tmp_path) -> None:
     from bench.privacy_utility_report import plot
 
     assert all(path.stat().st_size > 10_000 for path in plot(saved[1], tmp_path, "tiny"))
+
+
+def test_any_text_file_is_a_corpus_with_its_hash_and_private_spans(tmp_path) -> None:
+    text = "the capital of france is paris . " * 30
+    path = tmp_path / "mine.txt"
+    path.write_text(text)
+    sample = load_sample(tiny_runner().tokenizer, str(path), tmp_path, 2)
+    assert sample.corpus == "mine" and sample.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert sample.prefix_ids.shape == (1, PREFIX) and not sample.private.any()
+    with pytest.raises(DataError, match="neither"):
+        load_sample(tiny_runner().tokenizer, str(tmp_path / "absent.txt"), tmp_path, 2)
+
+
+def test_private_spans_are_names_not_sentence_starts_or_titles() -> None:
+    text = "Then Emma Woodhouse met Mr. Knightley in Highbury. The end. I said \"Yes\" to Harriet's plan."
+    mask = name_characters(text)
+    marked = {text[m.start() : m.end()] for m in __import__("re").finditer(r"\w+(?:'\w+)?", text) if mask[m.start()]}
+    assert marked == {"Emma", "Woodhouse", "Knightley", "Highbury", "Harriet's"}
+
+
+def test_degenerate_answers_are_unk_or_loops() -> None:
+    assert degenerate("a <unk> b") and degenerate("go on and go on and go on and")
+    assert not degenerate("Paris is the capital of France.")
 
 
 def test_veil_bench_runs_the_hyphenated_benchmark() -> None:
