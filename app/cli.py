@@ -92,17 +92,21 @@ OPERATING_POINT = Path(__file__).resolve().parents[1] / "bench" / "results" / "o
 
 
 def _measured_recovery(report) -> str:
-    """The strongest attack's measured recovery at this setting, from the evaluation's operating point if it
-    was measured at these n, k and mu; otherwise says it was not measured."""
+    """The strongest attack's measured recovery at this setting, from the evaluation's record of the SDK's default
+    (bench/results/operating-point.json, `sdk_default`) when it was measured at these n, k and mu."""
     import json
 
     if not OPERATING_POINT.exists():
-        return "not measured yet (bench/results/operating-point.json is absent)"
+        return "not measured (bench/results/operating-point.json is absent)"
     point = json.loads(OPERATING_POINT.read_text())
-    same = (point["bits"], point["dim"]) == (report.bits, report.dim) and abs(point["mu"] / report.mu_clt - 1) < 1e-3
-    where = "at this setting" if same else f"at n={point['bits']}, k={point['dim']}, mu={point['mu']:g} (not this one)"
-    return (f"{point['recovery']:.1%} of tokens recovered by the strongest attack ({point['attack']}) {where}, "
-            f"measured on {point['corpus']}")
+    measured = point.get("sdk_default")
+    if measured is None or (point["bits"], point["dim"]) != (report.bits, report.dim) or \
+            abs(measured["mu"] / report.mu_clt - 1) > 1e-3:
+        return (f"not measured at this setting; the strongest attack ({point['attack']}) reaches "
+                f"{point['target']:.0%} of tokens at n={point['bits']}, k={point['dim']}, mu={point['mu']:.3g}")
+    return (f"{measured['recovery']:.1%} (SE {measured['recovery_se']:.1%}) of tokens recovered by the strongest "
+            f"attack ({measured['attack']}) at this setting, {measured['recovery_content']:.1%} of content words, "
+            f"measured on {point['corpus']} ({point['command']})")
 
 
 def _show_spans(client, prompt) -> None:

@@ -31,7 +31,7 @@ class ServerSettings(BaseSettings):
     clip: float = 2.0
     """c of the PCA projection: its coordinates are whitened, so c is in standard deviations."""
     default_bits: int = 4
-    default_mu: float = 4.0  # the SDK's provisional default operating point (client_sdk.policy.REFERENCE_MU)
+    default_mu: float = 4.0  # the SDK's default operating point (client_sdk.policy.REFERENCE_MU; docs/BENCHMARKS.md)
 
     admin_key: SecretStr | None = None
     """The admin API's bearer key (separate from client keys); the admin API is off without one."""

@@ -58,6 +58,7 @@ from client_sdk import wire
 from client_sdk.accounting import gdp, privacy_report
 from client_sdk.bundle import load_projected_table
 from client_sdk.mechanism import MechanismParams
+from client_sdk.policy import REFERENCE_MU as SDK_DEFAULT_MU
 
 RESULTS = Path(__file__).parent / "results"
 IMAGES = Path(__file__).parents[1] / "docs" / "img"
@@ -451,7 +452,7 @@ def first_cells(bench: Bench) -> list[Cell]:
                         for name in ("clean", "nothing")]
     todo += [(f"calibrate/n4/{t:g}", lambda t=t: bench.calibrate(4, t)) for t in plan.targets]
     todo += [(f"{corpus}/attacks/del/{level_key(4, mu)}", lambda m=mu: bench.del_attacks(corpus, 4, m))
-             for n, mu in plan.levels if n == 4]
+             for mu in sorted({mu for n, mu in plan.levels if n == 4} | {SDK_DEFAULT_MU})]
     return todo
 
 
@@ -489,11 +490,16 @@ def metadata(bench: Bench) -> dict:
                                      bench.plan.levels})
 
 
-def run(bench: Bench, path: Path, fresh: bool = False) -> dict:
-    """Compute every missing cell (resumable): the calibration first, then the rest with the operating point."""
+def run(bench: Bench, path: Path, fresh: bool = False, calibration_only: bool = False) -> dict:
+    """Compute every missing cell (resumable): the calibration first, then the rest with the operating point.
+
+    `calibration_only` stops after the calibration and the attacks at the n = 4 levels and the SDK's default, and
+    leaves the saved run's description (its artifacts) as it was."""
     plan, about = dataclasses.asdict(bench.plan), metadata(bench)
     results = run_cells(path, plan, first_cells(bench), fresh=fresh, desc="privacy-utility (calibration)",
-                        metadata=about)
+                        metadata=None if calibration_only and path.exists() else about)
+    if calibration_only:
+        return results
     operating = results["cells"].get(f"calibrate/n4/{OPERATING_TARGET:g}", {}).get("mu")
     if "chat/clean" in results["cells"]:
         bench.reference_answers = results["cells"]["chat/clean"]["answers"]
@@ -507,9 +513,17 @@ def operating_point(results: dict, command: str) -> dict | None:
     if not found or found.get("mu") is None or found["corpus"] != "wikitext-2-test":
         return None
     best, content = strongest(found, "all"), strongest(found, "content")
-    return {"bits": 4, "dim": results["dim"], "mu": found["mu"], "epsilon_per_token": found["epsilon_per_token"],
-            "attack": best[2], "recovery": best[0], "recovery_content": content[0] if content else None,
-            "target": OPERATING_TARGET, "corpus": "wikitext-2-test", "command": command}
+    record = {"bits": 4, "dim": results["dim"], "mu": found["mu"], "epsilon_per_token": found["epsilon_per_token"],
+              "attack": best[2], "recovery": best[0], "recovery_content": content[0] if content else None,
+              "target": OPERATING_TARGET, "corpus": "wikitext-2-test", "command": command}
+    at_default = results["cells"].get(f"wikitext-2-test/attacks/del/{level_key(4, SDK_DEFAULT_MU)}")
+    if at_default is not None:  # the SDK's default policy (client_sdk.policy), set below the 5% point
+        best, content = strongest(at_default, "all"), strongest(at_default, "content")
+        params = MechanismParams.from_mu(SDK_DEFAULT_MU, bits=4, dim=results["dim"], clip=results["clip"])
+        record["sdk_default"] = {"mu": SDK_DEFAULT_MU, "epsilon_per_token": privacy_report(params, 1, DELTA).epsilon_per_token,
+                                 "attack": best[2], "recovery": best[0], "recovery_se": best[1],
+                                 "recovery_content": content[0] if content else None}
+    return record
 
 
 def main() -> None:
@@ -521,6 +535,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and markdown go")
     parser.add_argument("--render-only", action="store_true",
                         help="write the markdown, plots and operating point of the saved (possibly partial) run")
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="only the calibration and the attacks at the n = 4 levels and the SDK's default mu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is much faster on a machine shared with other jobs)")
     args = parser.parse_args()
@@ -537,7 +553,8 @@ def main() -> None:
     if args.render_only:
         results = json.loads(path.read_text())
     else:
-        results = run(Bench.from_settings(ServerSettings(), plan), path, fresh=args.fresh)
+        results = run(Bench.from_settings(ServerSettings(), plan), path, fresh=args.fresh,
+                      calibration_only=args.calibration_only)
     markdown = render(results)
     write_bytes_atomic(args.out / f"{stem}.md", markdown.encode())
     print(markdown)
