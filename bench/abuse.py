@@ -274,6 +274,8 @@ def against_a(a: Served, cache: Path, keys: dict) -> None:
 
     dp = http.post("/admin/dp-soft-prompts", json={**prompt, "name": "rt-acme-dp", "mu": 20.0, "tenant": "acme",
                                                    "target_epsilon": 5.0, "physical_batch_size": 1}, headers=ADMIN)
+    if dp.status_code != 202:
+        raise SystemExit(f"the DP soft-prompt job was refused: {dp.status_code} {dp.text}")
     dp_job = wait_job(http, dp.json()["id"])
 
     @attack("another tenant's key asks for acme's DP prompt", "acme gets rt-acme-dp, globex and keyless do not")
@@ -456,7 +458,8 @@ def main() -> None:
 
             model = resolve_model(args.model, ServerSettings().cache_dir)
         common = {"VEIL_MODEL": model, "VEIL_SOFT_PROMPT_DIR": str(root / "soft_prompts"),
-                  "VEIL_PROJECTION_DIR": str(root / "projections"), "VEIL_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
+                  "VEIL_PROJECTION_DIR": str(root / "projections"), "VEIL_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+                  "VEIL_MAX_QUEUE": "16"}
         cache_a = root / "cache-a"
         store = KeyStore(cache_a / "api-keys.json")
         keys = {name: {"Authorization": f"Bearer {store.create(name, None if name == 'plain' else name)[1]}"}
