@@ -91,7 +91,8 @@ class PendingCharge:
     created: float
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a directory's entries (a rename, a new file, a removal) durable; the server's writes use it too."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -138,7 +139,7 @@ class BudgetLedger:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp.name, self.limits_path)
-        _fsync_dir(self.path.parent)
+        fsync_directory(self.path.parent)
 
     def _open(self) -> str:
         config = self._read_config()
