@@ -6,8 +6,7 @@ Per corpus (default WikiText-2 test and the held-out Austen novel Emma; any UTF-
 sample of 64-token private prefixes + 64-token continuations, at each level (n bits, mu) of the plan:
 
 - Utility: per-segment NLL of the continuation after the prefix, for DEL (trained projection), DEL + the soft prompt
-  the server would pick, DEL + a distilled soft prompt (when soft_prompts/ holds one with objective "distill"),
-  selective privacy (only the private-span tokens are noised, the rest sent clean) and the Gaussian mechanism on full
+  the server would pick among those it serves (active and not below the nothing-sent floor), selective privacy (only the private-span tokens are noised, the rest sent clean) and the Gaussian mechanism on full
   embeddings. Every row is scored twice: after its own payload and after another segment's payload (the *mismatched
   control*: same mechanism, noise and server artifacts, no information about this continuation). Context retained
   is reported against the mismatched control and against sending nothing, with bootstrap SEs over segments.
@@ -18,11 +17,14 @@ sample of 64-token private prefixes + 64-token continuations, at each level (n b
   on private spans (bench/pipeline.py). The strongest attack is the best of them, per subset.
 - Calibration: the mu at which the strongest attack recovers 2%, 5%, 10% of the first corpus's tokens (n=4); the
   5% point is the operating point (bench/results/operating-point.json) and gets every row too.
-- Chat: fixed prompts (bench/data/chat_prompts.jsonl), the question privatized and the chat template public,
-  answers scored by COH (all-MiniLM-L6-v2 cosine) against the clean model's answer, with the blank-question floor.
+- Chat: fixed prompts (bench/data/chat_prompts.jsonl) answered as the server would: the question privatized and the
+  chat template public (no soft prompt: the server prepends one only to prompts private throughout), and, at levels
+  with a served soft prompt, the whole chat prompt privatized with that prompt; answers scored by COH
+  (all-MiniLM-L6-v2 cosine) against the clean model's answer, with the blank-question floor.
 - Formal privacy (exact epsilon), an empirical audit, communication.
 
-The run is resumable: every finished cell is saved at once, and a rerun skips it. Writes <out>/privacy-utility
+The run is resumable: every finished cell is saved at once, and a rerun skips it; `--defer PATTERN` leaves matching
+cells for a later run, `--redo PATTERN` recomputes them (e.g. after the served soft prompts changed). Writes <out>/privacy-utility
 [-quick].json and .md; plots go to docs/img/ (full) or next to the results (quick).
 """
 
@@ -34,13 +36,13 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from app.artifacts import manifests
 from app.files import write_bytes_atomic, write_json_atomic
 from app.engine.request import EngineRequest, GenerationParams
 from app.model_runner import ModelRunner
@@ -142,7 +144,7 @@ class Bench:
     """The model, the samples and the artifacts every cell is computed from."""
 
     def __init__(self, runner: ModelRunner, samples: list[Sample], projection: Projection,
-                 soft_prompts: list[SoftPrompt], distilled: list[SoftPrompt], encoder: Encoder, clip: float,
+                 soft_prompts: list[SoftPrompt], encoder: Encoder, clip: float,
                  plan: Plan, prior_ids: np.ndarray, chat_prompts: list[str]) -> None:
         self.runner, self.model, self.plan = runner, runner.model, plan
         self.table = runner.input_embeddings.detach()
@@ -150,7 +152,7 @@ class Bench:
         self.projection, self.dim = projection, projection.dim
         self.published = publish(projection, self.table)
         self.client_table = load_projected_table(self.published.table_bytes)
-        self.soft_prompts, self.distilled = soft_prompts, distilled
+        self.soft_prompts = soft_prompts
         self.encoder, self.clip = encoder, clip
         self.start_id = start_token(runner.tokenizer)
         self.gaussian_bound = float(self.table.norm(dim=1).median())
@@ -170,12 +172,8 @@ class Bench:
         prior_text = "\n".join(read_corpus(name, settings.data_dir) for name in PRIOR_CORPORA)
         prior_ids = np.array(runner.tokenizer(prior_text, add_special_tokens=False)["input_ids"])
         width = runner.input_embeddings.shape[1]
-        prompts = load_soft_prompts(settings.soft_prompt_dir, "smollm2", width)
-        objectives = {name: m.get("objective", m.get("config", {}).get("objective"))
-                      for name, m in manifests(settings.soft_prompt_dir, "smollm2").items()}
-        distilled = [p for p in prompts if objectives.get(p.name) == "distill"]
-        plain = [p for p in prompts if objectives.get(p.name) != "distill"]
-        return cls(runner, samples, load_projection(settings.projection_dir / TRAINED_PROJECTION), plain, distilled,
+        served = load_soft_prompts(settings.soft_prompt_dir, runner.model_id, width)
+        return cls(runner, samples, load_projection(settings.projection_dir / TRAINED_PROJECTION), served,
                    minilm_encoder(), settings.clip, plan, prior_ids, load_chat_prompts(plan.chat_prompts))
 
     # -- utility -------------------------------------------------------------------------------------------
@@ -249,8 +247,7 @@ class Bench:
             return self.scored(sample, self.selective_prefix(sample, bits, mu))
         if row == "del":
             return self.scored(sample, self.del_prefix(sample, bits, mu))
-        prompt, exact = select_soft_prompt(self.distilled if row == "del-distilled" else self.soft_prompts,
-                                           self.published.id, bits, mu)
+        prompt, exact = select_soft_prompt(self.soft_prompts, self.published.id, bits, mu)
         if prompt is None:
             return {"soft_prompt": None}
         info = {"soft_prompt": prompt.name, "soft_prompt_exact": exact}
@@ -355,30 +352,34 @@ class Bench:
         return encode(before), encode(question), encode(after)
 
     def chat(self, row: str, bits: int = 4, mu: float = 1.0) -> dict:
-        """Answers to the chat prompts: `clean`, `blank` (the question left out) or `del-sp` (the question through
-        DEL, the template public, the level's soft prompt prepended)."""
+        """Answers to the chat prompts: `clean`, `blank` (the question left out), `del` (the question through DEL,
+        the template public: what the server gets from a chat, with no soft prompt) or `del-sp` (the whole chat
+        prompt through DEL, the served soft prompt for the level prepended)."""
         embeds, info = [], {}
         prompt = None
         if row == "del-sp":
             prompt, exact = select_soft_prompt(self.soft_prompts, self.published.id, bits, mu)
             info = {"soft_prompt": prompt.name if prompt else None, "soft_prompt_exact": exact}
+        params = self.params(bits, mu)
         for i, question in enumerate(self.chat_prompts):
             before, ids, after = self.chat_pieces("" if row == "blank" else question)
+            private = ids if row == "del" else before + ids + after if row == "del-sp" else []
+            if row == "del-sp":
+                before, after = [], []
             middle = self.table[torch.tensor(ids, dtype=torch.long)]
-            if row == "del-sp" and ids:
-                params = self.params(bits, mu)
-                levels = send(self.client_table, torch.tensor([ids]), params, self.plan.seed + i)
+            if private:
+                levels = send(self.client_table, torch.tensor([private]), params, self.plan.seed + i)
                 middle = reconstruct(self.projection, levels, params)[0]
             parts = [self.table[torch.tensor(before, dtype=torch.long)], middle,
                      self.table[torch.tensor(after, dtype=torch.long)]]
             if prompt is not None:
                 parts.insert(0, prompt.embeddings)
             embeds.append(torch.cat(parts))
-        params = GenerationParams(max_new_tokens=self.plan.chat_tokens)
+        generation = GenerationParams(max_new_tokens=self.plan.chat_tokens)
         answers = []
         for start in range(0, len(embeds), 16):
             chunk = embeds[start : start + 16]
-            answers += [c.text for c in self.runner.decode([EngineRequest(None, e, params) for e in chunk])]
+            answers += [c.text for c in self.runner.decode([EngineRequest(None, e, generation) for e in chunk])]
         out = {**info, "answers": answers, "clean_share": float(np.mean([not degenerate(a) for a in answers]))}
         if row == "clean":
             self.reference_answers = answers
@@ -424,7 +425,7 @@ class Bench:
 def level_cells(bench: Bench, levels: list[tuple[int, float]], corpora: tuple[str, ...]) -> list[Cell]:
     """Every utility row and attack of these levels on these corpora."""
     todo: list[Cell] = []
-    rows = ["del", "del-sp", "sp-nothing"] + (["del-distilled"] if bench.distilled else [])
+    rows = ["del", "del-sp", "sp-nothing"]
     for corpus in corpora:
         for bits, mu in levels:
             level = level_key(bits, mu)
@@ -441,7 +442,14 @@ def level_cells(bench: Bench, levels: list[tuple[int, float]], corpora: tuple[st
 
 
 def chat_cells(bench: Bench, levels: list[tuple[int, float]]) -> list[Cell]:
-    return [(f"chat/del-sp/{level_key(n, mu)}", lambda n=n, m=mu: bench.chat("del-sp", n, m)) for n, mu in levels]
+    """The chat as the server gets it at every level, and wholly private with the served soft prompt where one was
+    trained for the level."""
+    todo: list[Cell] = []
+    for n, mu in levels:
+        todo.append((f"chat/del/{level_key(n, mu)}", lambda n=n, m=mu: bench.chat("del", n, m)))
+        if select_soft_prompt(bench.soft_prompts, bench.published.id, n, mu)[1]:
+            todo.append((f"chat/del-sp/{level_key(n, mu)}", lambda n=n, m=mu: bench.chat("del-sp", n, m)))
+    return todo
 
 
 def first_cells(bench: Bench) -> list[Cell]:
@@ -457,9 +465,10 @@ def first_cells(bench: Bench) -> list[Cell]:
 
 
 def later_cells(bench: Bench, operating_mu: float | None) -> list[Cell]:
-    """Everything else: the operating point's rows first, then the held-out text's, then the rest."""
+    """Everything else: the rows of the operating point and of the SDK's default mu first, then the held-out text's,
+    then the rest."""
     plan = bench.plan
-    operating = [(4, operating_mu)] if operating_mu is not None else []
+    operating = ([(4, operating_mu)] if operating_mu is not None else []) + [(4, SDK_DEFAULT_MU)]
     todo: list[Cell] = [("chat/clean", lambda: bench.chat("clean")), ("chat/blank", lambda: bench.chat("blank"))]
     todo += [(f"audit/{level_key(n, mu)}", lambda n=n, m=mu: bench.audit(n, m)) for n, mu in [*operating, *plan.levels]]
     todo += level_cells(bench, operating, plan.corpora) + chat_cells(bench, operating)
@@ -484,26 +493,36 @@ def metadata(bench: Bench) -> dict:
     return dict(model=bench.runner.model_id, dim=bench.dim, clip=bench.clip, gaussian_bound=bench.gaussian_bound,
                 corpora={name: {"sha256": s.sha256, "segments": len(s.prefix_ids),
                                 "private_share": float(s.private.mean())} for name, s in bench.samples.items()},
-                prior_corpora=list(PRIOR_CORPORA), placeholder=PLACEHOLDER, communication=bench.communication(),
-                soft_prompts=[p.name for p in bench.soft_prompts], distilled=[p.name for p in bench.distilled],
+                prior_corpora=list(PRIOR_CORPORA), placeholder=PLACEHOLDER, sdk_default_mu=SDK_DEFAULT_MU, communication=bench.communication(),
+                soft_prompts=[p.name for p in bench.soft_prompts],
                 information_ceiling={level_key(n, mu): information_ceiling(mu, bench.dim) for n, mu in
                                      bench.plan.levels})
 
 
-def run(bench: Bench, path: Path, fresh: bool = False, calibration_only: bool = False) -> dict:
+def run(bench: Bench, path: Path, fresh: bool = False, calibration_only: bool = False,
+        defer: tuple[str, ...] = (), redo: tuple[str, ...] = ()) -> dict:
     """Compute every missing cell (resumable): the calibration first, then the rest with the operating point.
 
     `calibration_only` stops after the calibration and the attacks at the n = 4 levels and the SDK's default, and
-    leaves the saved run's description (its artifacts) as it was."""
+    leaves the saved run's description (its artifacts) as it was. Cells whose key matches a `defer` pattern
+    (fnmatch) are left for a later run; saved cells matching a `redo` pattern are computed again."""
     plan, about = dataclasses.asdict(bench.plan), metadata(bench)
-    results = run_cells(path, plan, first_cells(bench), fresh=fresh, desc="privacy-utility (calibration)",
+    wanted = lambda cells: [c for c in cells if not any(fnmatch(c[0], p) for p in defer)]  # noqa: E731
+    if redo and path.exists() and not fresh:
+        saved = json.loads(path.read_text())
+        dropped = [key for key in saved["cells"] if any(fnmatch(key, p) for p in redo)]
+        for key in dropped:
+            saved["seconds"] -= saved["cells"].pop(key).get("seconds", 0.0)
+        write_json_atomic(path, saved)
+        print(f"recomputing {len(dropped)} cells matching {' '.join(redo)}")
+    results = run_cells(path, plan, wanted(first_cells(bench)), fresh=fresh, desc="privacy-utility (calibration)",
                         metadata=None if calibration_only and path.exists() else about)
     if calibration_only:
         return results
     operating = results["cells"].get(f"calibrate/n4/{OPERATING_TARGET:g}", {}).get("mu")
     if "chat/clean" in results["cells"]:
         bench.reference_answers = results["cells"]["chat/clean"]["answers"]
-    return run_cells(path, plan, later_cells(bench, operating), desc="privacy-utility",
+    return run_cells(path, plan, wanted(later_cells(bench, operating)), desc="privacy-utility",
                      metadata={**about, "operating_mu": operating})
 
 
@@ -537,6 +556,10 @@ def main() -> None:
                         help="write the markdown, plots and operating point of the saved (possibly partial) run")
     parser.add_argument("--calibration-only", action="store_true",
                         help="only the calibration and the attacks at the n = 4 levels and the SDK's default mu")
+    parser.add_argument("--defer", nargs="+", default=(), metavar="PATTERN",
+                        help="leave cells whose key matches (fnmatch, e.g. '*del-sp*') for a later run")
+    parser.add_argument("--redo", nargs="+", default=(), metavar="PATTERN",
+                        help="compute saved cells whose key matches again (e.g. after the served soft prompts changed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is much faster on a machine shared with other jobs)")
     args = parser.parse_args()
@@ -554,7 +577,7 @@ def main() -> None:
         results = json.loads(path.read_text())
     else:
         results = run(Bench.from_settings(ServerSettings(), plan), path, fresh=args.fresh,
-                      calibration_only=args.calibration_only)
+                      calibration_only=args.calibration_only, defer=tuple(args.defer), redo=tuple(args.redo))
     markdown = render(results)
     write_bytes_atomic(args.out / f"{stem}.md", markdown.encode())
     print(markdown)

@@ -17,8 +17,7 @@ from bench.pipeline import CONTINUATION, PREFIX
 from bench.plotting import pyplot
 
 ROWS = {"del": "DEL (trained projection)",
-        "del-sp": "DEL + soft prompt",
-        "del-distilled": "DEL + distilled soft prompt",
+        "del-sp": "DEL + the served soft prompt",
         "selective": "selective privacy (only private spans noised)",
         "gaussian": "Gaussian on full embeddings (fp32)"}
 ATTACKS = {"nearest-neighbour": "nearest neighbour (paper)", "maximum-likelihood": "maximum likelihood",
@@ -123,27 +122,29 @@ def render(results: dict) -> str:
     summary_levels = sorted({lv for corpus in corpora for lv in levels_of(cells, corpus, "del-sp")
                              if cells[f"{corpus}/del-sp/{_key(*lv)}"].get("soft_prompt_exact")},
                             key=lambda lv: (-lv[0], lv[1]))
-    if operating is not None and (4, operating) not in summary_levels:
-        summary_levels.append((4, operating))
+    default = results.get("sdk_default_mu")
+    summary_levels += [(4, mu) for mu in (default, operating) if mu is not None and (4, mu) not in summary_levels]
     for bits, mu in summary_levels:
         key = _key(bits, mu)
         audit = cells.get(f"audit/{key}")
         label = f"{mu:.3g}" + (" (operating point)" if operating is not None and abs(mu - operating) < 1e-9 else "")
+        label += " (SDK default)" if bits == 4 and mu == default else ""
         row = [str(bits), label, _eps(audit["epsilon_per_token"]) if audit else "-"]
         for corpus in corpora:
             attack = cells.get(f"{corpus}/attacks/del/{key}")
             row.append(" / ".join(_rate(strongest(attack, s)) for s in ("all", "content")))
         for corpus in corpora:
             row.append(utility_text(cells, corpus, f"{corpus}/del-sp/{key}"))
-        chat = cells.get(f"chat/del-sp/{key}")
-        row.append(f"{chat['coh']:.3f} ± {chat['coh_se']:.3f}" if chat and "coh" in chat else "-")
+        row.append(" / ".join(f"{chat['coh']:.3f} ± {chat['coh_se']:.3f}" if chat and "coh" in chat else "-"
+                              for chat in (cells.get(f"chat/del/{key}"), cells.get(f"chat/del-sp/{key}"))))
         rows.append(row)
     blank = cells.get("chat/blank")
     floors = [f"{c}: clean {perplexity(cells[f'{c}/clean']['nll'])[0]:.1f}, nothing "
               f"{perplexity(cells[f'{c}/nothing']['nll'])[0]:.1f}" for c in corpora
               if f"{c}/clean" in cells and f"{c}/nothing" in cells]
     out.append(_table(["n", "mu", "epsilon per token", *[f"strongest recovery, {c} (all / content)" for c in corpora],
-                       *[f"perplexity, DEL + soft prompt, {c}" for c in corpora], "chat COH"], rows))
+                       *[f"perplexity, DEL + the served soft prompt, {c}" for c in corpora],
+                       "chat COH (template public / wholly private + soft prompt)"], rows))
     out += ["", "Floors: " + "; ".join(floors) + (f"; chat COH of the blank question {blank['coh']:.3f} ± "
                                                    f"{blank['coh_se']:.3f}" if blank and "coh" in blank else ""), ""]
 
@@ -217,7 +218,8 @@ def render(results: dict) -> str:
     chats = [(k, v) for k, v in cells.items() if k.startswith("chat/")]
     if chats:
         out += ["", f"### Chat ({len(cells.get('chat/clean', {}).get('answers', []))} prompts of "
-                "bench/data/chat_prompts.jsonl, the question privatized, the template public, greedy "
+                "bench/data/chat_prompts.jsonl; del: the question privatized, the template public, as the server gets "
+                "a chat; del-sp: the whole chat prompt privatized, the served soft prompt prepended; greedy "
                 f"{plan['chat_tokens']} tokens): COH against the clean model's answer", ""]
         rows = []
         for key, cell in chats:

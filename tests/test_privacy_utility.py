@@ -47,7 +47,7 @@ def bench() -> Bench:
     soft_prompt = SoftPrompt("tiny-sp", "", 4, 0.5, torch.randn(4, table.shape[1]))
     distilled = SoftPrompt("tiny-distilled", "", 4, 2000.0, torch.randn(2, table.shape[1]))
     prior = np.random.default_rng(0).integers(3, len(table), size=500)
-    bench = Bench(runner, samples, pca_projection(table, 8, 1.0), [soft_prompt], [distilled], hashed_words, 1.0,
+    bench = Bench(runner, samples, pca_projection(table, 8, 1.0), [soft_prompt, distilled], hashed_words, 1.0,
                   PLAN, prior, ["what is the capital of france ?", "hello world"])
     soft_prompt.projection_id = distilled.projection_id = bench.published.id
     return bench
@@ -65,7 +65,9 @@ def test_a_run_measures_every_cell_and_resumes_without_recomputing(bench: Bench,
     operating = results["operating_mu"]
     expected = {key for key, _ in privacy_utility.first_cells(bench) + privacy_utility.later_cells(bench, operating)}
     assert set(cells) == expected
-    assert "first/del-distilled/n4/mu2000" in cells and "second/selective/n4/mu0.5" in cells
+    assert "second/selective/n4/mu0.5" in cells and "first/del/n4/mu4" in cells  # the SDK's default mu too
+    assert cells["first/del-sp/n4/mu2000"]["soft_prompt"] == "tiny-distilled"
+    assert {"chat/del/n2/mu2000", "chat/del-sp/n4/mu2000"} <= set(cells) and "chat/del-sp/n2/mu2000" not in cells
     strict, loose = (cells[f"first/attacks/del/n4/mu{mu}"]["attacks"]["maximum-likelihood"]["all"]["rate"]
                      for mu in ("0.5", "2000"))
     assert strict < 0.5 < loose
@@ -174,3 +176,22 @@ def test_veil_bench_runs_the_hyphenated_benchmark() -> None:
 
     result = CliRunner().invoke(cli, ["bench", "dp-soft-prompt", "--", "--help"])  # not imported by the tests
     assert result.exit_code == 0 and "--epsilons" in result.output
+
+
+def test_deferred_cells_wait_for_a_later_run_and_redone_cells_are_computed_again(bench: Bench, saved, tmp_path,
+                                                                                  monkeypatch) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(saved[0].read_text())
+    calls: list[tuple] = []
+    monkeypatch.setattr(Bench, "row", lambda self, *args: calls.append(args) or {"nll": [0.0]})
+    redone = run(bench, path, redo=("*/del-sp/*",), defer=("second/*",))
+    first = {k for k in saved[1]["cells"] if k.startswith("first/del-sp/")}
+    assert {f"first/del-sp/{privacy_utility.level_key(n, mu)}" for _, _, n, mu in calls} == first
+    assert {c[:2] for c in calls} == {("first", "del-sp")}
+    assert not any(k.startswith("second/del-sp/") for k in redone["cells"])  # dropped, deferred
+    assert all(redone["cells"][k] == {"nll": [0.0], "seconds": redone["cells"][k]["seconds"]}
+               for k in redone["cells"] if k.startswith("first/del-sp/"))
+    calls.clear()
+    again = run(bench, path)
+    assert {c[0] for c in calls} == {"second"} and {c[1] for c in calls} == {"del-sp"}
+    assert set(again["cells"]) == set(saved[1]["cells"])
