@@ -77,7 +77,8 @@ class InferenceService:
         runner, settings, tokenizer = self.runner, self.settings, self.runner.tokenizer
         table = runner.input_embeddings
         projections = published_projections(runner, settings)
-        soft_prompts = [s for s in load_soft_prompts(settings.soft_prompt_dir, runner.model_id, table.shape[1])
+        soft_prompts = [s for s in load_soft_prompts(settings.soft_prompt_dir, runner.model_id, table.shape[1],
+                                                     serve_below_floor=settings.serve_below_floor)
                         if s.projection_id in projections]
         bundle = BundleInfo(
             model_id=runner.model_id,

@@ -22,6 +22,8 @@ class ServerSettings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "veil"
     soft_prompt_dir: Path = REPO_ROOT / "soft_prompts"
     projection_dir: Path = REPO_ROOT / "projections"
+    serve_below_floor: bool = False
+    """Serve active soft prompts whose held-out check found them worse than sending nothing (an explicit opt-in)."""
     data_dir: Path = REPO_ROOT.parent / "shared" / "data"
     """Named training corpora (WikiText-2, Austen) live here; see app.training.data.CORPORA."""
     device: str = "cpu"
