@@ -6,8 +6,8 @@ Starts two servers (tiny model: a random 2-layer Llama saved to a temporary dire
 A with the admin API and client keys (tenants acme and globex), B with neither (keys off, admin off, 20 requests
 a minute). Each attack is a row: what we expect, what we observed, pass or fail. Prints the table and writes
 bench/results/abuse.json, and the markdown table SECURITY.md carries to bench/results/abuse.md. Rows marked
-"generation" test fixes made outside the server hardening work (stop strings, cancellation, the bounded queue). They need the default model: the tiny
-one finishes a generation before it can be observed. The CPU figures are the server process's own (from /proc), so
+"generation" test fixes made outside the server hardening work (stop strings, cancellation, the bounded queue).
+They need the default model: the tiny one finishes a generation before it can be observed. The CPU figures are the server process's own (from /proc), so
 other load on the machine slows the server but does not count against it.
 """
 
