@@ -15,6 +15,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.access import ClientAccess, Throttle
 from app.admin import admin_router
 from app.errors import install_error_handlers
+from app.files import remove_leftovers
 from app.metrics import Metrics
 from app.model_runner import ModelRunner
 from app.observability import install_observability
@@ -41,6 +42,8 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = runner or await run_in_threadpool(ModelRunner.load, settings.model, settings.cache_dir,
                                                    settings.device)
+        for root in (settings.projection_dir, settings.soft_prompt_dir):  # what writes cut short by a crash left
+            await run_in_threadpool(remove_leftovers, root)
         app.state.service = InferenceService(loaded, settings)
         app.state.jobs = jobs(loaded, settings, on_artifact=app.state.service.reload)
         yield
