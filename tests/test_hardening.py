@@ -92,6 +92,13 @@ def test_a_body_trickled_in_gets_408_within_the_body_timeout(settings, runner, p
     assert status == "HTTP/1.1 408 Request Timeout" and seconds < 4
 
 
+def test_request_heads_are_bounded_in_size(settings, runner) -> None:
+    with Server(create_app(settings, runner=runner), settings) as server:
+        status, _ = raw_request(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + "a" * 2**18 + "\r\n\r\n")
+        assert status == "HTTP/1.1 400 Bad Request"  # not buffered whole (httptools answered 200 to 8 MiB)
+        assert raw_request(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")[0] == "HTTP/1.1 200 OK"
+
+
 def test_deeply_nested_jsonl_is_a_json_422(settings, runner) -> None:
     settings.admin_key = SecretStr("s3cret")
     with TestClient(create_app(settings, runner=runner), raise_server_exceptions=False) as http:
