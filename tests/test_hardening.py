@@ -431,3 +431,13 @@ def test_the_mu_label_takes_only_a_fixed_set_of_values() -> None:
     labels = {s.labels["mu"] for m in metrics.registry.collect() if m.name == "veil_private_requests"
               for s in m.samples if "mu" in s.labels}
     assert labels <= {f"{b:g}" for b in MU_BUCKETS} | {"+Inf"} and {"0.5", "1", "50", "100", "+Inf"} <= labels
+
+
+def test_security_md_carries_the_red_team_table_its_results_give() -> None:
+    from bench.abuse import RESULTS, TABLE, markdown
+
+    results = json.loads(RESULTS.read_text())
+    table = markdown(results)
+    assert TABLE.read_text() == table and table in (REPO / "SECURITY.md").read_text()
+    assert f"{results['passed']} of {len(results['rows'])} rows pass" in table
+    assert results["passed"] == sum(r["pass"] for r in results["rows"])
