@@ -223,10 +223,10 @@ def admin_router(settings: ServerSettings, throttle: Throttle) -> APIRouter:
     def change(request: Request, kind: ArtifactKind, name: str, action: str) -> Artifact:
         try:
             directory = artifact_dir(root(kind), name)
+            if kind == "projections" and action != "activate" and (dependents := jobs(request).dependents(directory)):
+                raise HTTPException(409, f"projection {name!r} is used by {', '.join(dependents)}: deactivate or "
+                                         "delete those first (or wait for the jobs)")
             if action == "delete":
-                if kind == "projections" and (dependents := jobs(request).dependents(directory)):
-                    raise HTTPException(409, f"projection {name!r} is used by {', '.join(dependents)}: deactivate "
-                                             "or delete those first (or wait for the jobs)")
                 delete_artifact(directory)
                 manifest = None
             else:
@@ -243,7 +243,8 @@ def admin_router(settings: ServerSettings, throttle: Throttle) -> APIRouter:
 
     @router.post("/{kind}/{name}/deactivate", response_model=Artifact)
     async def deactivate(request: Request, kind: ArtifactKind, name: str) -> Artifact:
-        """Stop serving this artifact; it stays on disk."""
+        """Stop serving this artifact; it stays on disk. A projection that active soft prompts or unfinished jobs use
+        is refused (409, naming them)."""
         return await run_in_threadpool(change, request, kind, name, "deactivate")
 
     @router.delete("/{kind}/{name}", response_model=Artifact)

@@ -15,6 +15,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.access import ClientAccess, Throttle
 from app.admin import admin_router
 from app.errors import install_error_handlers
+from app.files import remove_leftovers
 from app.metrics import Metrics
 from app.model_runner import ModelRunner
 from app.observability import install_observability
@@ -41,6 +42,8 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = runner or await run_in_threadpool(ModelRunner.load, settings.model, settings.cache_dir,
                                                    settings.device)
+        for root in (settings.projection_dir, settings.soft_prompt_dir):  # what writes cut short by a crash left
+            await run_in_threadpool(remove_leftovers, root)
         app.state.service = InferenceService(loaded, settings)
         app.state.jobs = jobs(loaded, settings, on_artifact=app.state.service.reload)
         yield
@@ -61,10 +64,16 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
     return app
 
 
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+"""A request line and headers still incomplete past this many bytes get 400 (h11 checks after each read of up to
+64 KiB, so a head that arrives in one read may be up to that)."""
+
+
 def uvicorn_options(settings: ServerSettings) -> dict:
     """How `veil serve` runs the app: forwarded headers believed only from `trusted_proxies` (none by default),
-    uvicorn's own access log off unless asked for (it prints query strings, which carry user text), and the
-    `veil.access` JSON lines on stdout."""
+    uvicorn's own access log off unless asked for (it prints query strings, which carry user text), the
+    `veil.access` JSON lines on stdout, and the h11 parser with its bound on a request head (httptools, which
+    uvicorn prefers when it is installed, buffers headers of any size)."""
     trusted = settings.trusted_proxies.strip()
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["formatters"]["json_lines"] = {"format": "%(message)s"}
@@ -73,4 +82,4 @@ def uvicorn_options(settings: ServerSettings) -> dict:
     log_config["loggers"]["veil"] = {"handlers": ["json_lines"], "level": "INFO", "propagate": False}
     return {"host": settings.host, "port": settings.port, "proxy_headers": bool(trusted),
             "forwarded_allow_ips": trusted or None, "access_log": settings.uvicorn_access_log,
-            "log_config": log_config}
+            "log_config": log_config, "http": "h11", "h11_max_incomplete_event_size": MAX_REQUEST_HEAD_BYTES}

@@ -5,9 +5,9 @@
 Starts two servers (tiny model: a random 2-layer Llama saved to a temporary directory; default: SmolLM2):
 A with the admin API and client keys (tenants acme and globex), B with neither (keys off, admin off, 20 requests
 a minute). Each attack is a row: what we expect, what we observed, pass or fail. Prints the table and writes
-bench/results/abuse.json. Rows marked "generation" test fixes made outside the server hardening work (stop
-strings, cancellation, the bounded queue); they fail until those are merged. They need the default model: the tiny
-one finishes a generation before it can be observed. The CPU figures are the server process's own (from /proc), so
+bench/results/abuse.json, and the markdown table SECURITY.md carries to bench/results/abuse.md. Rows marked
+"generation" test fixes made outside the server hardening work (stop strings, cancellation, the bounded queue).
+They need the default model: the tiny one finishes a generation before it can be observed. The CPU figures are the server process's own (from /proc), so
 other load on the machine slows the server but does not count against it.
 """
 
@@ -38,6 +38,7 @@ from client_sdk import wire
 from client_sdk.mechanism import MechanismParams
 
 RESULTS = Path(__file__).parent / "results" / "abuse.json"
+TABLE = RESULTS.with_suffix(".md")
 ADMIN = {"Authorization": "Bearer red-team-admin"}
 BINARY = {"content-type": "application/octet-stream"}
 BODY_TIMEOUT_S = 5
@@ -449,6 +450,18 @@ def against_b(b: Served) -> None:
         return f"{status} after {seconds:.1f} s; peak RSS +{grown:.1f} MiB", " 403 " in status and grown < 10
 
 
+def markdown(results: dict) -> str:
+    """The results as SECURITY.md carries them: the command, the date and the pass count, then one row per attack."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"`{results['command']}` on {results['date']}: {results['passed']} of {len(results['rows'])} rows pass.",
+             "", "| attack | expected | observed | result |", "| --- | --- | --- | --- |"]
+    lines += [f"| {cell(r['attack'])} | {cell(r['expected'])} | {cell(r['observed'])} | "
+              f"{'pass' if r['pass'] else '**fail**'} |" for r in results["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="'tiny' (a random 2-layer Llama) or a model spec")
@@ -487,8 +500,10 @@ def main() -> None:
     passed = sum(r["pass"] for r in ROWS)
     print(f"\n{passed}/{len(ROWS)} rows pass (model {args.model})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": args.model, "command": f"veil bench abuse --model {args.model}",
-                                   "passed": passed, "rows": ROWS}, indent=2) + "\n")
+    results = {"model": args.model, "command": f"veil bench abuse --model {args.model}",
+               "date": time.strftime("%Y-%m-%d", time.gmtime()), "passed": passed, "rows": ROWS}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    TABLE.write_text(markdown(results))
 
 
 if __name__ == "__main__":

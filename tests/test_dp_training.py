@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant
 from pydantic import ValidationError
 
 from app.artifacts import SERVER_ONLY, manifests
@@ -41,22 +42,27 @@ def test_the_prompt_layer_gives_opacus_exact_per_example_gradients() -> None:
         assert torch.allclose(per_example[i], alone.prompt.embeddings.grad, atol=1e-6)
 
 
+def record_noise(monkeypatch) -> list[tuple[float, torch.Tensor]]:
+    """Opacus's noise draws from now on: (std, the clipped gradient sum the noise is added to)."""
+    import opacus.optimizers.optimizer as opacus_optimizer
+
+    original, draws = opacus_optimizer._generate_noise, []
+
+    def recording(std, reference, generator=None, secure_mode=False):
+        draws.append((std, reference.detach().clone()))
+        return original(std, reference, generator, secure_mode)
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", recording)
+    return draws
+
+
 @pytest.fixture
 def trained(tmp_path, monkeypatch) -> tuple:
     """One DP run on the tiny model, with Opacus's noise draws recorded."""
     runner = tiny_runner()
     table = runner.input_embeddings.detach()
     projection = pca_projection(table, 8, 1.0)
-    draws = []
-    import opacus.optimizers.optimizer as opacus_optimizer
-
-    original = opacus_optimizer._generate_noise
-
-    def recording(std, reference, generator=None, secure_mode=False):
-        draws.append((std, tuple(reference.shape)))
-        return original(std, reference, generator, secure_mode)
-
-    monkeypatch.setattr(opacus_optimizer, "_generate_noise", recording)
+    draws = record_noise(monkeypatch)
     before = {k: v.clone() for k, v in runner.model.state_dict().items()}
     manifest = train_dp_soft_prompt(runner, projection, config(), TEXT, tmp_path)
     return runner, manifest, draws, before, tmp_path
@@ -67,8 +73,29 @@ def test_noise_is_added_once_per_logical_step_at_the_calibrated_scale(trained) -
     dp = manifest["dp"]
     assert dp["steps"] == 3 and len(manifest["loss_curve"]) == 3
     assert len(draws) == 3  # one parameter (the prompt), once per logical step, not per micro-batch
-    assert all(std == pytest.approx(dp["noise_multiplier"] * dp["max_grad_norm"]) and shape == (4, 32)
-               for std, shape in draws)
+    assert all(std == pytest.approx(dp["noise_multiplier"] * dp["max_grad_norm"]) and summed.shape == (4, 32)
+               for std, summed in draws)
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step_the_accountant_counts(tmp_path, monkeypatch) -> None:
+    # 143 training segments sampled at rate 1/143: with this seed the second logical batch has no example (about
+    # one batch in e does), which used to fail in Opacus with "Per sample gradient is not initialized"
+    runner = tiny_runner()
+    draws = record_noise(monkeypatch)
+    steps: list[tuple[int, float | None]] = []
+    manifest = train_dp_soft_prompt(runner, pca_projection(runner.input_embeddings.detach(), 8, 1.0),
+                                    config(seed=2, batch_size=1, physical_batch_size=1, steps=2), TEXT, tmp_path,
+                                    on_step=lambda step, loss: steps.append((step, loss)))
+    dp = manifest["dp"]
+    assert manifest["train_segments"] == 143 and dp["sample_rate"] == 1 / 143
+    assert [step for step, _ in steps] == [1, 2] and steps[0][1] > 0 and steps[1][1] is None
+    assert manifest["loss_curve"] == [steps[0][1], None]
+    # noise once per logical step, the empty one included, where it is all there is: the clipped sum over no examples
+    assert len(draws) == 2 and draws[0][1].abs().sum() > 0 and torch.equal(draws[1][1], torch.zeros(4, 32))
+    # and the epsilon reported is an independent accountant's for both steps
+    accountant = PRVAccountant()
+    accountant.history = [(dp["noise_multiplier"], dp["sample_rate"], 2)]
+    assert dp["steps"] == 2 and dp["epsilon"] == pytest.approx(accountant.get_epsilon(dp["delta"]), rel=1e-6)
 
 
 def test_the_reported_epsilon_meets_the_target_and_the_model_is_untouched(trained) -> None:

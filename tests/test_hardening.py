@@ -92,6 +92,13 @@ def test_a_body_trickled_in_gets_408_within_the_body_timeout(settings, runner, p
     assert status == "HTTP/1.1 408 Request Timeout" and seconds < 4
 
 
+def test_request_heads_are_bounded_in_size(settings, runner) -> None:
+    with Server(create_app(settings, runner=runner), settings) as server:
+        status, _ = raw_request(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + "a" * 2**18 + "\r\n\r\n")
+        assert status == "HTTP/1.1 400 Bad Request"  # not buffered whole (httptools answered 200 to 8 MiB)
+        assert raw_request(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")[0] == "HTTP/1.1 200 OK"
+
+
 def test_deeply_nested_jsonl_is_a_json_422(settings, runner) -> None:
     settings.admin_key = SecretStr("s3cret")
     with TestClient(create_app(settings, runner=runner), raise_server_exceptions=False) as http:
@@ -289,7 +296,7 @@ def test_a_name_is_reserved_when_its_job_is_accepted(admin) -> None:
     wait(admin, accepted["id"])
 
 
-def test_a_projection_in_use_is_not_deleted_and_a_job_whose_projection_vanished_fails(admin, settings) -> None:
+def test_a_projection_in_use_is_kept_served_and_a_job_whose_projection_vanished_fails(admin, settings) -> None:
     from app.artifacts import delete_artifact
 
     def projection_ids() -> set[str]:
@@ -305,6 +312,8 @@ def test_a_projection_in_use_is_not_deleted_and_a_job_whose_projection_vanished_
     assert wait(admin, done["id"])["state"] == "succeeded"
     refused = admin.delete("/admin/projections/p", headers=KEY)
     assert refused.status_code == 409 and "uses-p" in refused.json()["detail"]
+    kept = admin.post("/admin/projections/p/deactivate", headers=KEY)  # its prompt would be listed but never served
+    assert kept.status_code == 409 and "uses-p" in kept.json()["detail"] and pid in projection_ids()
 
     admin.post("/admin/soft-prompts/uses-p/deactivate", headers=KEY)
     running = admin.post("/admin/soft-prompts", json={**prompt, "name": "late", "steps": 40}, headers=KEY).json()
@@ -331,7 +340,53 @@ def test_replacing_an_artifact_is_one_rename_of_fsynced_files(tmp_path, monkeypa
     version = (tmp_path / "a").resolve()
     assert renames == [tmp_path / "a"] and (tmp_path / "a" / "x").read_bytes() == b"new"
     assert {str(version / "x"), str(version / "manifest.json"), str(version), str(tmp_path)} <= synced
-    assert [p.name for p in (tmp_path / ".versions").iterdir()] == [version.name]  # the old version is gone
+    assert versions(tmp_path) == [version.name]  # the old version is gone
+
+
+def versions(parent: Path) -> list[str]:
+    return sorted(p.name for p in (parent / ".versions").iterdir() if p.is_dir())
+
+
+def crash_while_writing(target: Path, content: bytes, module: str, function: str) -> None:
+    """Write an artifact in a child process that dies (as if killed) at its first call of app.files' module.function:
+    `os.replace` is the swap (a staged version and its link are left), `shutil.rmtree` the removal of the old
+    version after it (the old version is left)."""
+    import multiprocessing
+
+    import app.files
+
+    def child() -> None:
+        setattr(getattr(app.files, module), function, lambda *args, **kwargs: os._exit(9))
+        write_artifact(target, {"x": content}, {"model_id": "m"})
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join()
+    assert process.exitcode == 9
+
+
+@pytest.mark.parametrize("module, function", [("os", "replace"), ("shutil", "rmtree")])
+def test_a_write_cut_short_by_a_crash_is_cleaned_up_by_the_next_write(tmp_path, module, function) -> None:
+    write_artifact(tmp_path / "a", {"x": b"v1"}, {"model_id": "m"})
+    write_artifact(tmp_path / "a.b", {"x": b"other"}, {"model_id": "m"})  # its versions start with "a." too
+    crash_while_writing(tmp_path / "a", b"v2", module, function)
+    left = len(versions(tmp_path)) + len(list(tmp_path.glob(".*.link")))
+    assert left > 2 and (tmp_path / "a" / "x").read_bytes() in (b"v1", b"v2")
+    write_artifact(tmp_path / "a", {"x": b"v3"}, {"model_id": "m"})
+    assert versions(tmp_path) == sorted(p.resolve().name for p in (tmp_path / "a", tmp_path / "a.b"))
+    assert not list(tmp_path.glob(".*.link")) and (tmp_path / "a" / "x").read_bytes() == b"v3"
+    assert (tmp_path / "a.b" / "x").read_bytes() == b"other"
+
+
+def test_the_server_cleans_up_writes_cut_short_by_a_crash_when_it_starts(settings, runner) -> None:
+    for root, name in ((settings.projection_dir, "p"), (settings.soft_prompt_dir, "s")):
+        write_artifact(root / name, {"x": b"v1"}, {"model_id": "m"})
+        crash_while_writing(root / name, b"v2", "os", "replace")
+        assert len(versions(root)) == 2 and len(list(root.glob(".*.link"))) == 1
+    with TestClient(create_app(settings, runner=runner)):
+        for root, name in ((settings.projection_dir, "p"), (settings.soft_prompt_dir, "s")):
+            assert versions(root) == [(root / name).resolve().name] and not list(root.glob(".*.link"))
+            assert (root / name / "x").read_bytes() == b"v1"
 
 
 def test_a_job_resumed_after_a_crash_reports_the_steps_it_ran(settings) -> None:
@@ -376,3 +431,13 @@ def test_the_mu_label_takes_only_a_fixed_set_of_values() -> None:
     labels = {s.labels["mu"] for m in metrics.registry.collect() if m.name == "veil_private_requests"
               for s in m.samples if "mu" in s.labels}
     assert labels <= {f"{b:g}" for b in MU_BUCKETS} | {"+Inf"} and {"0.5", "1", "50", "100", "+Inf"} <= labels
+
+
+def test_security_md_carries_the_red_team_table_its_results_give() -> None:
+    from bench.abuse import RESULTS, TABLE, markdown
+
+    results = json.loads(RESULTS.read_text())
+    table = markdown(results)
+    assert TABLE.read_text() == table and table in (REPO / "SECURITY.md").read_text()
+    assert f"{results['passed']} of {len(results['rows'])} rows pass" in table
+    assert results["passed"] == sum(r["pass"] for r in results["rows"])

@@ -52,9 +52,9 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
         pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
     bar = tqdm(total=config.steps, desc=f"{kind} {config.name}", unit="step")
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: float | None) -> None:
         bar.n = step
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(loss="no examples" if loss is None else f"{loss:.3f}")
 
     try:
         manifest = run_training(runner, settings, config, projections, activate=activate, checkpoint=checkpoint,

@@ -24,6 +24,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import register_grad_sampler
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from pydantic import Field, model_validator
 from torch import nn
@@ -100,6 +101,18 @@ def accounted_steps(engine: PrivacyEngine) -> int:
     return sum(steps for _, _, steps in engine.accountant.history)
 
 
+def no_examples(optimizer: DPOptimizer) -> None:
+    """Give every parameter an empty per-example gradient, for a logical batch that Poisson sampling left empty.
+
+    Opacus then takes the step as DP-SGD defines it: the clipped sum over no examples is zero, so the update is
+    Gaussian noise alone (scaled by the expected batch size), and the accountant charges the step. Skipping the
+    update instead would publish whether the batch was empty, which depends on who is in the data and is not part of
+    the mechanism the accountant charges for; without this, Opacus raises "Per sample gradient is not initialized".
+    """
+    for p in optimizer.params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+
+
 def default_delta(examples: int) -> float:
     return min(1e-5, 1 / examples)
 
@@ -114,7 +127,7 @@ def exact_epochs(steps: int, sample_rate: float) -> float:
 
 def train_dp_soft_prompt(runner: ModelRunner, projection: Projection, config: DPSoftPromptConfig, text: str,
                          out_dir: Path, *, cancel: threading.Event | None = None,
-                         on_step: Callable[[int, float], None] | None = None) -> dict:
+                         on_step: Callable[[int, float | None], None] | None = None) -> dict:
     """Train with DP-SGD, evaluate on held-out segments, write `out_dir/<name>`; returns the manifest.
 
     The manifest's `dp` block records epsilon (as Opacus's accountant reports it after training), delta, the noise
@@ -151,12 +164,14 @@ def train_dp_soft_prompt(runner: ModelRunner, projection: Projection, config: DP
                     if len(batch):
                         prefix, continuation = batch[:, : config.prefix_tokens], batch[:, config.prefix_tokens :]
                         loss = private(received_prefix(prefix, mechanism_noise), continuation.to(model.device))
-                        loss.mean().backward()
-                        batch_losses.append(float(loss.detach().mean()))
+                        loss.mean().backward()  # Opacus undoes the mean (loss_reduction="mean")
+                        batch_losses.extend(loss.detach().tolist())
+                    else:
+                        no_examples(optimizer)
                     optimizer.step()
                     if accounted_steps(engine) > state.step:  # a logical step: noise added, accountant charged
                         state.step += 1
-                        state.losses.append(sum(batch_losses) / max(len(batch_losses), 1))
+                        state.losses.append(sum(batch_losses) / len(batch_losses) if batch_losses else None)
                         batch_losses.clear()
                         if on_step is not None:
                             on_step(state.step, state.losses[-1])

@@ -91,7 +91,7 @@ def check_against_floor(runner: ModelRunner, config: SoftPromptConfig, projectio
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
                  projections: dict[str, Projection], *, activate: bool = False, checkpoint: Path | None = None,
                  cancel: threading.Event | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> dict:
+                 on_step: Callable[[int, float | None], None] | None = None) -> dict:
     """Run one training config to its artifact (served if `activate`) and drop its checkpoint; returns the manifest.
 
     `projections` (by id) are those a soft prompt may target. A soft prompt is checked on its held-out text
@@ -156,7 +156,7 @@ class Job(BaseModel):
     activate: bool = False
     step: int = 0
     steps: int
-    losses: list[float] = []
+    losses: list[float | None] = []  # None: a DP step whose Poisson batch was empty
     created: float = Field(default_factory=time.time)
     finished: float | None = None
     error: str | None = None
@@ -294,7 +294,7 @@ class JobManager:
             job.state = JobState.running
             self._save(job)
 
-            def on_step(step: int, loss: float, job: Job = job) -> None:
+            def on_step(step: int, loss: float | None, job: Job = job) -> None:
                 job.step = step
                 del job.losses[step - 1 :]  # a resumed run restarts at its checkpoint: drop repeated steps
                 job.losses.append(loss)
@@ -311,7 +311,7 @@ class JobManager:
             else:
                 self._finish(job, JobState.succeeded)
 
-    def _run(self, job: Job, on_step: Callable[[int, float], None]) -> None:
+    def _run(self, job: Job, on_step: Callable[[int, float | None], None]) -> None:
         """Train, record the result on the job, activate the artifact if asked, and have it served."""
         checkpoint = self.root / job.id / "checkpoint.pt"
         manifest = run_training(self.runner, self.settings, job.parsed_config(), self.projections(), activate=job.activate,

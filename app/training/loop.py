@@ -31,7 +31,7 @@ class CheckpointMismatch(ValueError):
 @dataclass
 class LoopState:
     step: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: list[float | None] = field(default_factory=list)  # None: a step with no examples (DP-SGD)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
