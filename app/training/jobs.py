@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Literal
 
+import torch
 from pydantic import BaseModel, Field
 
 from app.artifacts import delete_artifact, manifests, set_active
@@ -88,6 +89,16 @@ def check_against_floor(runner: ModelRunner, config: SoftPromptConfig, projectio
     return record_floor_check(directory, check)
 
 
+def training_chat(runner: ModelRunner, settings: ServerSettings, config: SoftPromptConfig,
+                  text: str) -> torch.Tensor | None:
+    """The chat examples a soft prompt trains on with its prose (None without `chat_examples`), cached on the server."""
+    if not config.chat_examples:
+        return None
+    return synthesize_chat(runner, text, config.chat_examples, prefix_tokens=config.prefix_tokens,
+                           continuation_tokens=config.continuation_tokens, seed=config.seed,
+                           max_new_tokens=min(48, config.continuation_tokens), cache_dir=settings.cache_dir / "synth")
+
+
 def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfig,
                  projections: dict[str, Projection], *, activate: bool = False, checkpoint: Path | None = None,
                  cancel: threading.Event | None = None,
@@ -110,10 +121,7 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
         manifest = train_dp_soft_prompt(runner, projections[config.projection_id], config, text,
                                         settings.soft_prompt_dir, cancel=cancel, on_step=on_step)
     else:
-        chat = (synthesize_chat(runner, text, config.chat_examples, prefix_tokens=config.prefix_tokens,
-                                continuation_tokens=config.continuation_tokens, seed=config.seed,
-                                max_new_tokens=min(48, config.continuation_tokens),
-                                cache_dir=settings.cache_dir / "synth") if config.chat_examples else None)
+        chat = training_chat(runner, settings, config, text)
         manifest = train_soft_prompt(runner, projections[config.projection_id], config, text,
                                      settings.soft_prompt_dir, chat=chat, checkpoint=checkpoint, cancel=cancel,
                                      on_step=on_step)

@@ -46,6 +46,7 @@ def train_loop(
     steps: int,
     batch_size: int,
     lr: float,
+    lrs: dict[str, float] | None = None,
     seed: int,
     run_key: str,
     checkpoint: Path | None = None,
@@ -56,9 +57,13 @@ def train_loop(
     """Minimise `loss_fn` over random batches of `segments`, updating `params` in place.
 
     With `checkpoint`, progress is saved every `checkpoint_every` steps (atomically) and a run with the
-    same `run_key` resumes from it. `on_step(step, loss)` is called after each step.
+    same `run_key` resumes from it. `on_step(step, loss)` is called after each step. `lrs` gives some of
+    `params` (by name) their own learning rate; the others take `lr`.
     """
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    # one parameter group unless some rates differ, so checkpoints of single-rate runs keep their layout
+    groups = ([{"params": [value], "lr": lrs.get(name, lr)} for name, value in params.items()] if lrs
+              else list(params.values()))
+    optimizer = torch.optim.Adam(groups, lr=lr)
     state = LoopState()
     if checkpoint is not None and checkpoint.exists():
         state = _restore(checkpoint, run_key, params, optimizer)

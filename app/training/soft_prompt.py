@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -80,9 +81,11 @@ def privatized_prefix(runner: ModelRunner, projection: Projection, bits: int, mu
 
 
 def private_prefix_loss(runner: ModelRunner, projection: Projection, config: SoftPromptConfig,
-                        soft_prompt: torch.Tensor | None, objective: str = "next_token") -> Callable:
+                        soft_prompt: torch.Tensor | None, objective: str = "next_token",
+                        teacher_context: Callable[[], AbstractContextManager] = nullcontext) -> Callable:
     """(segments, generator) -> mean continuation loss after [soft prompt, privatized prefix]: next-token
-    cross-entropy, or with `objective="distill"` KL from the clean model given the clean prefix.
+    cross-entropy, or with `objective="distill"` KL from the clean model given the clean prefix (its pass runs
+    inside `teacher_context()`, see distillation_kl).
 
     A continuation is scored up to its first end-of-turn token (chat answers are padded with it; prose has none).
     """
@@ -99,7 +102,7 @@ def private_prefix_loss(runner: ModelRunner, projection: Projection, config: Sof
         continuation = continuation.clamp(min=0)  # PAD positions are after the answer and not scored
         if objective == "distill":
             clean = runner.input_embeddings[prefix]
-            return distillation_kl(runner.model, clean, received, continuation, mask).mean()
+            return distillation_kl(runner.model, clean, received, continuation, mask, teacher_context).mean()
         return continuation_loss(runner.model, received, continuation, mask).mean()
 
     return loss
@@ -128,7 +131,7 @@ def train_soft_prompt(runner: ModelRunner, projection: Projection, config: SoftP
     """
     runner.model.requires_grad_(False)
     train, held = training_segments(text, runner.tokenizer, config)
-    pool = train if chat is None or len(chat) == 0 else mix(train, chat)
+    pool = training_pool(train, chat)
     soft_prompt = init_from_text(runner, config.init_text, config.virtual_tokens).requires_grad_(True)
     loss = private_prefix_loss(runner, projection, config, soft_prompt, config.objective)
     state = train_loop({"prompt_embeddings": soft_prompt}, loss, pool, steps=config.steps,
@@ -139,6 +142,11 @@ def train_soft_prompt(runner: ModelRunner, projection: Projection, config: SoftP
         manifest["chat_examples"] = len(chat)
     save_soft_prompt(soft_prompt.detach(), out_dir / config.name, manifest, runner)
     return manifest
+
+
+def training_pool(prose: torch.Tensor, chat: torch.Tensor | None) -> torch.Tensor:
+    """The segments a soft prompt trains on: the prose, and `chat` mixed in if there is any (see mix)."""
+    return prose if chat is None or len(chat) == 0 else mix(prose, chat)
 
 
 def mix(prose: torch.Tensor, chat: torch.Tensor, chat_share: float = 0.25) -> torch.Tensor:
