@@ -217,7 +217,8 @@ def test_shipped_artifacts_are_consistent() -> None:
     assert len(served) == 1 and any(m["active"] for m in prompts.values())
     for name, manifest in prompts.items():
         assert manifest["projection_id"] in served, name
-        assert manifest["held_out_loss"] < manifest["held_out_loss_without_prompt"], name
+        if manifest.get("objective", "next_token") == "next_token":  # what it was trained to lower
+            assert manifest["held_out_loss"] < manifest["held_out_loss_without_prompt"], name
         check = manifest["floor_check"]  # every shipped prompt was checked on the held-out novel
         assert check["data"] == "austen-emma" and check["segments"] >= 32, name
         assert check["passes"] or not manifest["active"], name  # none worse than sending nothing is served
