@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from app.access import Throttle, bearer_key, client_address
-from app.artifacts import ArtifactError, artifact_dir, delete_artifact, manifests, set_active
+from app.artifacts import ArtifactError, artifact_dir, delete_artifact, manifests, read_manifest, set_active
 from app.body import media_type, read_body
 from app.files import write_bytes_atomic
 from app.service import InferenceService
@@ -226,6 +226,10 @@ def admin_router(settings: ServerSettings, throttle: Throttle) -> APIRouter:
             if kind == "projections" and action != "activate" and (dependents := jobs(request).dependents(directory)):
                 raise HTTPException(409, f"projection {name!r} is used by {', '.join(dependents)}: deactivate or "
                                          "delete those first (or wait for the jobs)")
+            if kind == "soft-prompts" and action == "activate" and \
+                    (target := read_manifest(directory).get("projection_id")) not in service(request).catalog.projections:
+                raise HTTPException(409, f"soft prompt {name!r} is for projection {target}, which this server does not "
+                                         "serve: activate that projection first")
             if action == "delete":
                 delete_artifact(directory)
                 manifest = None
@@ -238,7 +242,7 @@ def admin_router(settings: ServerSettings, throttle: Throttle) -> APIRouter:
 
     @router.post("/{kind}/{name}/activate", response_model=Artifact)
     async def activate(request: Request, kind: ArtifactKind, name: str) -> Artifact:
-        """Serve this artifact (it appears in the bundle)."""
+        """Serve this artifact (it appears in the bundle); a soft prompt only if its projection is served (else 409)."""
         return await run_in_threadpool(change, request, kind, name, "activate")
 
     @router.post("/{kind}/{name}/deactivate", response_model=Artifact)

@@ -316,6 +316,13 @@ def test_a_projection_in_use_is_kept_served_and_a_job_whose_projection_vanished_
     assert kept.status_code == 409 and "uses-p" in kept.json()["detail"] and pid in projection_ids()
 
     admin.post("/admin/soft-prompts/uses-p/deactivate", headers=KEY)
+    assert admin.post("/admin/projections/p/deactivate", headers=KEY).status_code == 200
+    orphan = admin.post("/admin/soft-prompts/uses-p/activate", headers=KEY)  # listed, but never servable
+    assert orphan.status_code == 409 and pid in orphan.json()["detail"]
+    assert not manifests(settings.soft_prompt_dir)["uses-p"]["active"]
+    assert admin.post("/admin/projections/p/activate", headers=KEY).status_code == 200
+    assert admin.post("/admin/soft-prompts/uses-p/activate", headers=KEY).status_code == 200
+    admin.post("/admin/soft-prompts/uses-p/deactivate", headers=KEY)
     running = admin.post("/admin/soft-prompts", json={**prompt, "name": "late", "steps": 40}, headers=KEY).json()
     wait(admin, running["id"], until=lambda j: j["step"] >= 1)
     busy = admin.delete("/admin/projections/p", headers=KEY)
