@@ -70,10 +70,14 @@ def manifests(root: Path, model_id: str | None = None) -> dict[str, dict]:
     return found
 
 
-def set_active(directory: Path, active: bool) -> dict:
-    """Mark an artifact served (or not); returns its updated manifest."""
+def set_active(directory: Path, active: bool, reason: str | None = None) -> dict:
+    """Mark an artifact served (or not, and why: `inactive_reason`); returns its updated manifest."""
     manifest = read_manifest(directory)
     manifest["active"] = active
+    if active:
+        manifest.pop("inactive_reason", None)
+    elif reason is not None:
+        manifest["inactive_reason"] = reason
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest
 

@@ -333,6 +333,21 @@ def test_a_projection_in_use_is_kept_served_and_a_job_whose_projection_vanished_
     assert "late" not in manifests(settings.soft_prompt_dir)
 
 
+def test_a_job_does_not_activate_a_soft_prompt_whose_projection_is_not_served(admin, settings) -> None:
+    data = admin.upload.json()["data"]
+    before = {p["id"] for p in admin.get("/v1/bundle").json()["projections"]}
+    job = admin.post("/admin/projections", json={"name": "idle", "data": data, "dim": 8, "steps": 2, **SHAPE},
+                     headers=KEY).json()
+    assert wait(admin, job["id"])["state"] == "succeeded"
+    (pid,) = {a["manifest"]["id"] for a in admin.get("/admin/projections", headers=KEY).json()} - before
+    prompt = admin.post("/admin/soft-prompts", json={"name": "on-idle", "data": data, "projection_id": pid, "mu": 20.0,
+                                                     "virtual_tokens": 2, "steps": 1, "activate": True, **SHAPE},
+                        headers=KEY).json()
+    done = wait(admin, prompt["id"])
+    kept = manifests(settings.soft_prompt_dir)["on-idle"]
+    assert done["state"] == "succeeded" and not kept["active"] and pid in kept["inactive_reason"]
+
+
 def test_replacing_an_artifact_is_one_rename_of_fsynced_files(tmp_path, monkeypatch) -> None:
     import app.files
 
