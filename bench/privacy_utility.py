@@ -6,9 +6,10 @@ Per corpus (default WikiText-2 test and the held-out Austen novel Emma; any UTF-
 sample of 64-token private prefixes + 64-token continuations, at each level (n bits, mu) of the plan:
 
 - Utility: per-segment NLL of the continuation after the prefix, for DEL (trained projection), DEL + the soft prompt
-  the server would pick among those it serves (active and not below the nothing-sent floor), selective privacy (only the private-span tokens are noised, the rest sent clean) and the Gaussian mechanism on full
-  embeddings. Every row is scored twice: after its own payload and after another segment's payload (the *mismatched
-  control*: same mechanism, noise and server artifacts, no information about this continuation). Context retained
+  the server would pick among those it serves (active and not below the nothing-sent floor), selective privacy
+  (only the private-span tokens are noised, the rest sent clean) and the Gaussian mechanism on full embeddings.
+  Every row is scored twice: after its own payload and after another segment's payload (the *mismatched control*:
+  same mechanism, noise and server artifacts, no information about this continuation). Context retained
   is reported against the mismatched control and against sending nothing, with bootstrap SEs over segments.
   Floors: clean prefix, nothing sent, each soft prompt with nothing sent, private spans replaced by a placeholder.
 - Attacks: exact token recovery by nearest neighbour (the paper's), maximum likelihood, maximum likelihood with a
@@ -24,8 +25,8 @@ sample of 64-token private prefixes + 64-token continuations, at each level (n b
 - Formal privacy (exact epsilon), an empirical audit, communication.
 
 The run is resumable: every finished cell is saved at once, and a rerun skips it; `--defer PATTERN` leaves matching
-cells for a later run, `--redo PATTERN` recomputes them (e.g. after the served soft prompts changed). Writes <out>/privacy-utility
-[-quick].json and .md; plots go to docs/img/ (full) or next to the results (quick).
+cells for a later run, `--redo PATTERN` recomputes them (e.g. after the served soft prompts changed). Writes
+<out>/privacy-utility[-quick].json and .md; plots go to docs/img/ (full) or next to the results (quick).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
@@ -363,12 +363,11 @@ class Bench:
         params = self.params(bits, mu)
         for i, question in enumerate(self.chat_prompts):
             before, ids, after = self.chat_pieces("" if row == "blank" else question)
-            private = ids if row == "del" else before + ids + after if row == "del-sp" else []
-            if row == "del-sp":
-                before, after = [], []
+            if row == "del-sp":  # the template is private too
+                before, ids, after = [], before + ids + after, []
             middle = self.table[torch.tensor(ids, dtype=torch.long)]
-            if private:
-                levels = send(self.client_table, torch.tensor([private]), params, self.plan.seed + i)
+            if row in ("del", "del-sp") and ids:
+                levels = send(self.client_table, torch.tensor([ids]), params, self.plan.seed + i)
                 middle = reconstruct(self.projection, levels, params)[0]
             parts = [self.table[torch.tensor(before, dtype=torch.long)], middle,
                      self.table[torch.tensor(after, dtype=torch.long)]]
@@ -493,8 +492,8 @@ def metadata(bench: Bench) -> dict:
     return dict(model=bench.runner.model_id, dim=bench.dim, clip=bench.clip, gaussian_bound=bench.gaussian_bound,
                 corpora={name: {"sha256": s.sha256, "segments": len(s.prefix_ids),
                                 "private_share": float(s.private.mean())} for name, s in bench.samples.items()},
-                prior_corpora=list(PRIOR_CORPORA), placeholder=PLACEHOLDER, sdk_default_mu=SDK_DEFAULT_MU, communication=bench.communication(),
-                soft_prompts=[p.name for p in bench.soft_prompts],
+                prior_corpora=list(PRIOR_CORPORA), placeholder=PLACEHOLDER, sdk_default_mu=SDK_DEFAULT_MU,
+                communication=bench.communication(), soft_prompts=[p.name for p in bench.soft_prompts],
                 information_ceiling={level_key(n, mu): information_ceiling(mu, bench.dim) for n, mu in
                                      bench.plan.levels})
 
@@ -504,26 +503,17 @@ def run(bench: Bench, path: Path, fresh: bool = False, calibration_only: bool = 
     """Compute every missing cell (resumable): the calibration first, then the rest with the operating point.
 
     `calibration_only` stops after the calibration and the attacks at the n = 4 levels and the SDK's default, and
-    leaves the saved run's description (its artifacts) as it was. Cells whose key matches a `defer` pattern
-    (fnmatch) are left for a later run; saved cells matching a `redo` pattern are computed again."""
+    leaves the saved run's description (its artifacts) as it was. `defer` and `redo`: see bench.cells.run_cells."""
     plan, about = dataclasses.asdict(bench.plan), metadata(bench)
-    wanted = lambda cells: [c for c in cells if not any(fnmatch(c[0], p) for p in defer)]  # noqa: E731
-    if redo and path.exists() and not fresh:
-        saved = json.loads(path.read_text())
-        dropped = [key for key in saved["cells"] if any(fnmatch(key, p) for p in redo)]
-        for key in dropped:
-            saved["seconds"] -= saved["cells"].pop(key).get("seconds", 0.0)
-        write_json_atomic(path, saved)
-        print(f"recomputing {len(dropped)} cells matching {' '.join(redo)}")
-    results = run_cells(path, plan, wanted(first_cells(bench)), fresh=fresh, desc="privacy-utility (calibration)",
-                        metadata=None if calibration_only and path.exists() else about)
+    results = run_cells(path, plan, first_cells(bench), fresh=fresh, desc="privacy-utility (calibration)",
+                        metadata=None if calibration_only and path.exists() else about, defer=defer, redo=redo)
     if calibration_only:
         return results
     operating = results["cells"].get(f"calibrate/n4/{OPERATING_TARGET:g}", {}).get("mu")
     if "chat/clean" in results["cells"]:
         bench.reference_answers = results["cells"]["chat/clean"]["answers"]
-    return run_cells(path, plan, wanted(later_cells(bench, operating)), desc="privacy-utility",
-                     metadata={**about, "operating_mu": operating})
+    return run_cells(path, plan, later_cells(bench, operating), desc="privacy-utility",
+                     metadata={**about, "operating_mu": operating}, defer=defer, redo=redo)
 
 
 def operating_point(results: dict, command: str) -> dict | None:

@@ -53,6 +53,15 @@ def assert_stopped(steps: list[int]) -> int:
     return taken
 
 
+def in_threads(target, count: int) -> None:
+    """Run `target` in `count` threads at once and wait for all of them."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 @pytest.fixture
 def long_settings(settings):
     settings.max_new_tokens = 400
@@ -86,11 +95,7 @@ def test_batched_streams_whose_clients_go_away_all_stop(long_settings, client_ca
 
     with server:
         body = payload(server, client_cache)
-        clients = [threading.Thread(target=read_one_event) for _ in range(4)]
-        for client in clients:
-            client.start()
-        for client in clients:
-            client.join()
+        in_threads(read_one_event, 4)
         assert len(first_events) == 4 and max(steps) > 1  # they did share a batch
         assert assert_stopped(steps) < 150
 
@@ -119,11 +124,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers_at_once(settings
 
     with server:
         body = payload(server, client_cache)
-        clients = [threading.Thread(target=ask) for _ in range(8)]
-        for client in clients:
-            client.start()
-        for client in clients:
-            client.join()
+        in_threads(ask, 8)
         statuses = sorted(r.status_code for r in responses)
         assert set(statuses) == {200, 503} and statuses.count(200) >= 3, statuses
         refused = next(r for r in responses if r.status_code == 503)

@@ -133,9 +133,8 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
         checked = check_against_floor(runner, config, projections[config.projection_id], directory, held_out)
         # the in-memory manifest keeps what a DP artifact's file does not (its training record, for the job)
         manifest |= {k: checked[k] for k in ("floor_check", "active", "inactive_reason") if k in checked}
-    unserved = (not isinstance(config, ProjectionConfig)
-                and config.projection_id not in published_projections(runner, settings))
-    if activate and unserved:  # it would be listed as active but never served
+    if activate and not isinstance(config, ProjectionConfig) and \
+            config.projection_id not in published_projections(runner, settings):  # listed active, never served
         reason = f"projection {config.projection_id} is not served: activate it, then this soft prompt"
         manifest = {**manifest, **set_active(directory, False, reason=reason)}
     elif activate and not below_floor(manifest):
