@@ -19,6 +19,7 @@ from app.files import remove_leftovers
 from app.metrics import Metrics
 from app.model_runner import ModelRunner
 from app.observability import install_observability
+from app.provenance import log_startup
 from app.routes.generate import generate_router
 from app.routes.public import public_router
 from app.service import InferenceService
@@ -45,6 +46,7 @@ def create_app(settings: ServerSettings | None = None, runner: ModelRunner | Non
         for root in (settings.projection_dir, settings.soft_prompt_dir):  # what writes cut short by a crash left
             await run_in_threadpool(remove_leftovers, root)
         app.state.service = InferenceService(loaded, settings)
+        log_startup(app.state.service)
         app.state.jobs = jobs(loaded, settings, on_artifact=app.state.service.reload)
         yield
         await run_in_threadpool(app.state.jobs.close)

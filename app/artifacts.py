@@ -1,7 +1,8 @@
 """Trained artifacts on disk: one folder each, files plus manifest.json, written atomically.
 
-Projections and soft prompts share this layout. A manifest names the model it was trained for and
-whether the server serves it ("active"); everything else in it is the artifact's own business.
+Projections and soft prompts share this layout. A manifest names the model it was trained for (`model_id`, the
+model setting's name, and `base_model_sha256`, the runner's content fingerprint: see app.model_runner) and whether
+the server serves it ("active"); everything else in it is the artifact's own business.
 
 An artifact's folder is a symlink to its current version (see app.files.atomic_directory), so replacing one is a
 single rename. A DP artifact's manifest (one with a "dp" block) keeps nothing about its training data: the fields in
@@ -68,6 +69,21 @@ def manifests(root: Path, model_id: str | None = None) -> dict[str, dict]:
         if model_id is None or manifest.get("model_id") == model_id:
             found[path.parent.name] = manifest
     return found
+
+
+def not_served_reason(manifest: dict, model_id: str, fingerprint: str, *, active_only: bool = True) -> str | None:
+    """Why an artifact with this manifest is not for this model (name and content fingerprint) or is switched off;
+    None when it is."""
+    if manifest.get("model_id") != model_id:
+        return f"trained for model {manifest.get('model_id')!r}, this server runs {model_id!r}"
+    if manifest.get("base_model_sha256") is None:
+        return "its manifest names no base model (base_model_sha256): train it again"
+    if manifest["base_model_sha256"] != fingerprint:
+        return (f"trained for base model {manifest['base_model_sha256'][:16]}, this server's is {fingerprint[:16]} "
+                "(another checkpoint of the same name)")
+    if active_only and not manifest.get("active"):
+        return f"inactive ({manifest.get('inactive_reason', 'not activated')})"
+    return None
 
 
 def set_active(directory: Path, active: bool, reason: str | None = None) -> dict:

@@ -169,12 +169,17 @@ BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-s
               "rate-limit-store", "ledger", "chat", "selective", "distill-lora")
 
 
-@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of {', '.join(BENCHMARKS)}")) -> None:
-    """Run a benchmark from bench/ (arguments after NAME go to it; `veil bench NAME -- --help` lists them)."""
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def bench(ctx: typer.Context, name: str = typer.Argument(None, help=f"one of {', '.join(BENCHMARKS)}")) -> None:
+    """Run a benchmark from bench/ (arguments after NAME go to it; `veil bench NAME --help` lists them)."""
     import runpy
     import sys
 
+    if name in (None, "--help", "-h"):
+        typer.echo(f"usage: veil bench NAME [ARGS]...; NAME is one of {', '.join(BENCHMARKS)}; "
+                   "`veil bench NAME --help` lists the benchmark's own options")
+        raise typer.Exit(0 if name else 2)
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
     sys.argv = [f"veil bench {name}", *ctx.args]

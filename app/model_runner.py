@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 import threading
@@ -57,14 +58,30 @@ def resolve_model(spec: str, cache_dir: Path) -> str:
     return spec
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ModelRunner:
     """One causal LM, its tokenizer, and generation from embeddings (one `decode` at a time, which may carry a
-    batch of requests)."""
+    batch of requests).
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str) -> None:
+    `fingerprint` names the base model's weights by content, so that artifacts trained for another model are never
+    served: the SHA-256 of the GGUF file for a model converted from one (the same on every machine, whatever the
+    conversion's float rounding), else of the input-embedding table as loaded (exact for a float checkpoint)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str,
+                 fingerprint: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.fingerprint = fingerprint or hashlib.sha256(
+            self.input_embeddings.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
         self._lock = threading.Lock()
 
     @classmethod
@@ -72,7 +89,8 @@ class ModelRunner:
         path = resolve_model(spec, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-        return cls(model, tokenizer, model_id=spec)
+        fingerprint = file_sha256(smollm2_gguf_path()) if spec == DEFAULT_MODEL else None
+        return cls(model, tokenizer, model_id=spec, fingerprint=fingerprint)
 
     @property
     def input_embeddings(self) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 A projection is an artifact with an id: the first 16 hex characters of the SHA-256 of its projected
 table file, the only part of it the client receives. Trained projections (see app.training.projection)
-are artifacts in `projections/`; the fallback, and the training's starting point, is whitened PCA of the
-model's input-embedding table: each of the top-k principal coordinates is scaled to unit variance over
-the vocabulary, so one clip c (in standard deviations) fits all of them.
+are artifacts in `projections/` that ship that table file as made when they were trained, so their id (and the
+soft prompts pinned to it) is the same on every machine, whatever the local model conversion's float rounding;
+the fallback, and the training's starting point, is whitened PCA of the model's input-embedding table,
+published from the table here: each of the top-k principal coordinates is scaled to unit variance over the
+vocabulary, so one clip c (in standard deviations) fits all of them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from safetensors.numpy import save
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from app.artifacts import manifests, read_manifest, write_artifact
+from app.artifacts import ArtifactError, manifests, not_served_reason, read_manifest, write_artifact
+from app.model_runner import ModelRunner
 from client_sdk.bundle import sha256_hex
 from client_sdk.mechanism import dequantize
 from client_sdk.wire import Payload
@@ -100,24 +103,50 @@ def reconstruct_payload(payload: Payload, projection: Projection, embedding_tabl
 
 
 PROJECTION_FILE = "projection.safetensors"
+TABLE_FILE = "table.safetensors"
 
 
-def save_projection(projection: Projection, directory: Path, manifest: dict) -> None:
-    """Write a projection artifact: encoder, decoder and mean as safetensors, plus its manifest."""
+def save_projection(published: PublishedProjection, directory: Path, manifest: dict) -> None:
+    """Write a projection artifact: encoder, decoder and mean as safetensors, the client's table file as published,
+    and its manifest (with the table's id)."""
+    projection = published.projection
     tensors = {"encoder": projection.encoder, "decoder": projection.decoder, "mean": projection.mean}
     data = save_tensors({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
-    write_artifact(directory, {PROJECTION_FILE: data}, {**manifest, "dim": projection.dim, "clip": projection.clip})
+    write_artifact(directory, {PROJECTION_FILE: data, TABLE_FILE: published.table_bytes},
+                   {**manifest, "id": published.id, "dim": projection.dim, "clip": projection.clip})
 
 
-def load_projection(directory: Path) -> Projection:
+def load_projection(directory: Path) -> PublishedProjection:
+    """A projection artifact with its shipped table file (ArtifactError if the table is missing or is not the one
+    the manifest's id names)."""
     manifest = read_manifest(directory)
+    if not (directory / TABLE_FILE).exists():
+        raise ArtifactError(f"{directory.name}: no client table ({TABLE_FILE}); train the projection again")
     tensors = load_tensors((directory / PROJECTION_FILE).read_bytes())
-    return Projection(encoder=tensors["encoder"], decoder=tensors["decoder"], mean=tensors["mean"],
-                      clip=float(manifest["clip"]))
+    published = PublishedProjection(Projection(encoder=tensors["encoder"], decoder=tensors["decoder"],
+                                               mean=tensors["mean"], clip=float(manifest["clip"])),
+                                    (directory / TABLE_FILE).read_bytes())
+    if published.id != manifest.get("id"):
+        raise ArtifactError(f"{directory.name}: its table's id is {published.id}, its manifest says {manifest.get('id')}")
+    return published
 
 
-def load_projections(root: Path, model_id: str, hidden_size: int, *, active_only: bool = True) -> list[Projection]:
-    """The projections under `root` trained for this model and width (only the active ones by default), by name."""
-    found = manifests(root, model_id)
-    loaded = [load_projection(root / name) for name, m in found.items() if m.get("active") or not active_only]
-    return [p for p in loaded if p.encoder.shape[1] == hidden_size]
+def load_projections(root: Path, runner: ModelRunner, *,
+                     active_only: bool = True) -> tuple[list[PublishedProjection], dict[str, str]]:
+    """The projections under `root` trained for the runner's model (by name and content fingerprint) and width,
+    only the active ones by default; and, by name, why each other one is not loaded."""
+    loaded, skipped, hidden_size = [], {}, runner.input_embeddings.shape[1]
+    for name, manifest in manifests(root).items():
+        reason = not_served_reason(manifest, runner.model_id, runner.fingerprint, active_only=active_only)
+        if reason is None:
+            try:
+                published = load_projection(root / name)
+            except ArtifactError as err:
+                reason = str(err).removeprefix(f"{name}: ")
+            else:
+                if published.projection.encoder.shape[1] == hidden_size:
+                    loaded.append(published)
+                    continue
+                reason = f"it projects from width {published.projection.encoder.shape[1]}, the model's is {hidden_size}"
+        skipped[name] = reason
+    return loaded, skipped

@@ -37,13 +37,13 @@ class PreparedInput:
 
 
 def published_projections(runner: ModelRunner, settings: ServerSettings, *,
-                          active_only: bool = True) -> dict[str, PublishedProjection]:
-    """The trained projections for this model (the active ones, or all), then the PCA fallback, by id."""
+                          active_only: bool = True) -> tuple[dict[str, PublishedProjection], dict[str, str]]:
+    """The trained projections for this model (the active ones, or all), then the PCA fallback, by id; and, by
+    name, why each other trained projection is not among them."""
     table = runner.input_embeddings.detach()
-    trained = load_projections(settings.projection_dir, runner.model_id, table.shape[1], active_only=active_only)
-    pca = pca_projection(table, min(settings.projection_dim, table.shape[1]), settings.clip)
-    published = [publish(p, table) for p in [*trained, pca]]
-    return {p.id: p for p in published}
+    trained, skipped = load_projections(settings.projection_dir, runner, active_only=active_only)
+    pca = publish(pca_projection(table, min(settings.projection_dim, table.shape[1]), settings.clip), table)
+    return {p.id: p for p in [*trained, pca]}, skipped
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class Catalog:
     projections: dict[str, PublishedProjection]
     soft_prompts: list[SoftPrompt]
     bundle: BundleInfo
+    not_served: dict[str, str]
+    """Why each artifact that is not served is not, by its folder (`projections/NAME`, `soft_prompts/NAME`)."""
 
     @property
     def dims(self) -> dict[str, int]:
@@ -76,10 +78,14 @@ class InferenceService:
     def _load_catalog(self) -> Catalog:
         runner, settings, tokenizer = self.runner, self.settings, self.runner.tokenizer
         table = runner.input_embeddings
-        projections = published_projections(runner, settings)
-        soft_prompts = [s for s in load_soft_prompts(settings.soft_prompt_dir, runner.model_id, table.shape[1],
-                                                     serve_below_floor=settings.serve_below_floor)
-                        if s.projection_id in projections]
+        projections, skipped_projections = published_projections(runner, settings)
+        loaded, skipped_prompts = load_soft_prompts(settings.soft_prompt_dir, runner,
+                                                    serve_below_floor=settings.serve_below_floor)
+        soft_prompts = [s for s in loaded if s.projection_id in projections]
+        skipped_prompts |= {s.name: f"its projection {s.projection_id} is not served" for s in loaded
+                            if s.projection_id not in projections}
+        not_served = {**{f"projections/{name}": why for name, why in skipped_projections.items()},
+                      **{f"soft_prompts/{name}": why for name, why in skipped_prompts.items()}}
         bundle = BundleInfo(
             model_id=runner.model_id,
             vocab_size=table.shape[0],
@@ -100,7 +106,7 @@ class InferenceService:
             defaults=MechanismDefaults(projection_id=next(iter(projections)), bits=settings.default_bits,
                                        mu=settings.default_mu),
         )
-        return Catalog(projections, soft_prompts, bundle)
+        return Catalog(projections, soft_prompts, bundle, not_served)
 
     @property
     def bundle(self) -> BundleInfo:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from app.artifacts import MANIFEST, manifests, read_manifest, write_artifact
+from app.artifacts import MANIFEST, manifests, not_served_reason, read_manifest, write_artifact
 from app.files import write_json_atomic
 from app.model_runner import ModelRunner
 from client_sdk.schemas import SoftPromptInfo
@@ -85,12 +85,24 @@ def record_floor_check(directory: Path, check: dict) -> dict:
     return manifest
 
 
-def load_soft_prompts(root: Path, model_id: str, hidden_size: int, serve_below_floor: bool = False) -> list[SoftPrompt]:
-    """Every active soft prompt under `root` trained for this model and width, and not worse than sending nothing
-    (unless `serve_below_floor`); others are skipped."""
-    loaded = [load_soft_prompt(root / name) for name, m in manifests(root, model_id).items()
-              if m.get("active") and (serve_below_floor or not below_floor(m))]
-    return [p for p in loaded if p.embeddings.shape[1] == hidden_size]
+def load_soft_prompts(root: Path, runner: ModelRunner,
+                      serve_below_floor: bool = False) -> tuple[list[SoftPrompt], dict[str, str]]:
+    """Every active soft prompt under `root` trained for the runner's model (by name and content fingerprint) and
+    width, and not worse than sending nothing (unless `serve_below_floor`); and, by name, why each other one is
+    skipped."""
+    loaded, skipped, hidden_size = [], {}, runner.input_embeddings.shape[1]
+    for name, manifest in manifests(root).items():
+        reason = not_served_reason(manifest, runner.model_id, runner.fingerprint)
+        if reason is None and below_floor(manifest) and not serve_below_floor:
+            reason = f"below the floor: {manifest['floor_check'].get('reason', 'worse than sending nothing')}"
+        if reason is None:
+            prompt = load_soft_prompt(root / name)
+            if prompt.embeddings.shape[1] == hidden_size:
+                loaded.append(prompt)
+                continue
+            reason = f"it is {prompt.embeddings.shape[1]} wide, the model {hidden_size}"
+        skipped[name] = reason
+    return loaded, skipped
 
 
 def select_soft_prompt(prompts: list[SoftPrompt], projection_id: str, bits: int, mu: float,

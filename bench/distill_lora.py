@@ -183,7 +183,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    from app.reconstruction import load_projection, publish
+    from app.reconstruction import load_projection
     from app.settings import ServerSettings
     from app.training.data import read_corpus
     from app.training.jobs import training_chat
@@ -207,8 +207,9 @@ def main() -> None:
 
     settings = ServerSettings()
     runner = ModelRunner.load(settings.model, settings.cache_dir)
-    projection = load_projection(settings.projection_dir / PROJECTION)
-    config = SoftPromptConfig(name="distill-lora", projection_id=publish(projection, runner.input_embeddings.detach()).id,
+    published = load_projection(settings.projection_dir / PROJECTION)
+    projection = published.projection
+    config = SoftPromptConfig(name="distill-lora", projection_id=published.id,
                               bits=args.bits, mu=args.mu, data=args.data, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, objective="distill", chat_examples=args.chat_examples, seed=args.seed)
     text = read_corpus(args.data, settings.data_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from app.model_runner import ModelRunner
-from app.reconstruction import load_projection, publish
+from app.reconstruction import load_projection
 from app.settings import ServerSettings
 from app.soft_prompts import load_soft_prompt
 from app.training.config import held_out_loss
@@ -55,11 +55,12 @@ def main() -> None:
 
     settings = ServerSettings()
     runner = ModelRunner.load(settings.model, settings.cache_dir)
-    projection = load_projection(settings.projection_dir / PROJECTION)
+    published = load_projection(settings.projection_dir / PROJECTION)
+    projection = published.projection
     text = read_corpus(TENANT_DATA, settings.data_dir)
     evaluation = evenly_spaced(token_segments(read_corpus(EVALUATION, settings.data_dir), runner.tokenizer,
                                               PREFIX + CONTINUATION), args.evaluation_segments)
-    base = dict(projection_id=publish(projection, runner.input_embeddings.detach()).id, bits=BITS, mu=MU,
+    base = dict(projection_id=published.id, bits=BITS, mu=MU,
                 data=TENANT_DATA, steps=args.steps, batch_size=args.batch_size, lr=args.lr, prefix_tokens=PREFIX,
                 continuation_tokens=CONTINUATION)
     reference = SoftPromptConfig(name="reference", **base)

@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ import torch
 from app.files import write_bytes_atomic, write_json_atomic
 from app.engine.request import EngineRequest, GenerationParams
 from app.model_runner import ModelRunner
-from app.reconstruction import Projection, load_projection, publish
+from app.provenance import package_versions
+from app.reconstruction import PublishedProjection, load_projection
 from app.settings import ServerSettings
 from app.soft_prompts import SoftPrompt, load_soft_prompts, select_soft_prompt
 from app.training.data import evenly_spaced, read_corpus
@@ -143,14 +145,13 @@ def load_chat_prompts(count: int) -> list[str]:
 class Bench:
     """The model, the samples and the artifacts every cell is computed from."""
 
-    def __init__(self, runner: ModelRunner, samples: list[Sample], projection: Projection,
+    def __init__(self, runner: ModelRunner, samples: list[Sample], published: PublishedProjection,
                  soft_prompts: list[SoftPrompt], encoder: Encoder, clip: float,
                  plan: Plan, prior_ids: np.ndarray, chat_prompts: list[str]) -> None:
         self.runner, self.model, self.plan = runner, runner.model, plan
         self.table = runner.input_embeddings.detach()
         self.samples = {s.corpus: s for s in samples}
-        self.projection, self.dim = projection, projection.dim
-        self.published = publish(projection, self.table)
+        self.published, self.projection, self.dim = published, published.projection, published.projection.dim
         self.client_table = load_projected_table(self.published.table_bytes)
         self.soft_prompts = soft_prompts
         self.encoder, self.clip = encoder, clip
@@ -171,8 +172,9 @@ class Bench:
         samples = [load_sample(runner.tokenizer, c, settings.data_dir, plan.segments) for c in plan.corpora]
         prior_text = "\n".join(read_corpus(name, settings.data_dir) for name in PRIOR_CORPORA)
         prior_ids = np.array(runner.tokenizer(prior_text, add_special_tokens=False)["input_ids"])
-        width = runner.input_embeddings.shape[1]
-        served = load_soft_prompts(settings.soft_prompt_dir, runner.model_id, width)
+        served, skipped = load_soft_prompts(settings.soft_prompt_dir, runner)
+        for name, reason in skipped.items():
+            print(f"soft prompt {name} is not served, so not evaluated: {reason}", file=sys.stderr)
         return cls(runner, samples, load_projection(settings.projection_dir / TRAINED_PROJECTION), served,
                    minilm_encoder(), settings.clip, plan, prior_ids, load_chat_prompts(plan.chat_prompts))
 
@@ -249,6 +251,8 @@ class Bench:
             return self.scored(sample, self.del_prefix(sample, bits, mu))
         prompt, exact = select_soft_prompt(self.soft_prompts, self.published.id, bits, mu)
         if prompt is None:
+            print(f"{corpus}/{row} at n={bits}, mu={mu:g}: no served soft prompt for projection "
+                  f"{self.published.id}, so the row is absent", file=sys.stderr)
             return {"soft_prompt": None}
         info = {"soft_prompt": prompt.name, "soft_prompt_exact": exact}
         if row == "sp-nothing":
@@ -489,11 +493,14 @@ def later_cells(bench: Bench, operating_mu: float | None) -> list[Cell]:
 
 def metadata(bench: Bench) -> dict:
     """What describes the run rather than one cell."""
-    return dict(model=bench.runner.model_id, dim=bench.dim, clip=bench.clip, gaussian_bound=bench.gaussian_bound,
+    return dict(model=bench.runner.model_id, base_model_sha256=bench.runner.fingerprint,
+                projection_id=bench.published.id, versions=package_versions(), dim=bench.dim, clip=bench.clip, gaussian_bound=bench.gaussian_bound,
                 corpora={name: {"sha256": s.sha256, "segments": len(s.prefix_ids),
                                 "private_share": float(s.private.mean())} for name, s in bench.samples.items()},
                 prior_corpora=list(PRIOR_CORPORA), placeholder=PLACEHOLDER, sdk_default_mu=SDK_DEFAULT_MU,
-                communication=bench.communication(), soft_prompts=[p.name for p in bench.soft_prompts],
+                communication=bench.communication(),
+                soft_prompts={p.name: {"projection_id": p.projection_id, "bits": p.bits, "mu": p.mu}
+                              for p in bench.soft_prompts},
                 information_ceiling={level_key(n, mu): information_ceiling(mu, bench.dim) for n, mu in
                                      bench.plan.levels})
 

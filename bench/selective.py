@@ -30,12 +30,13 @@ import numpy as np
 import torch
 
 from app.model_runner import ModelRunner
-from app.reconstruction import load_projection, publish
+from app.provenance import package_versions
+from app.reconstruction import load_projection
 from app.settings import ServerSettings
 from app.training.data import evenly_spaced, read_corpus, token_segments
 from app.training.evaluate import start_prefix
 from bench.attacks import likelihood_terms, log_likelihoods, maximum_likelihood, recovery_rate
-from bench.pipeline import CONTINUATION, PREFIX, mean_nll, reconstruct, send, start_token
+from bench.pipeline import CONTINUATION, PREFIX, reconstruct, segment_nlls, send, start_token
 from client_sdk.accounting import privacy_report
 from client_sdk.bundle import load_projected_table
 from client_sdk.mechanism import MechanismParams
@@ -48,6 +49,11 @@ NAMES = ["Emma", "Woodhouse", "Knightley", "Harriet", "Smith", "Elton", "Weston"
          "Augusta", "Hawkins", "London", "Bath", "Richmond", "Box Hill", "Abbey", "Mill Farm", "Ford", "Larkins",
          "Hetty", "Henry", "George", "Otway", "Wingfield", "Brunswick Square", "Surry", "Kingston", "Ireland"]
 PLACEHOLDER = " someone"
+
+
+def mean_nll(model, prefixes: torch.Tensor, continuations: torch.Tensor) -> float:
+    """The continuation's NLL per token after the prefixes, averaged over the segments."""
+    return float(segment_nlls(model, prefixes, continuations).mean())
 
 
 def name_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -93,8 +99,8 @@ def main() -> None:
     sample = evenly_spaced(tokens, args.segments)
     prefix_ids, continuations = sample[:, :PREFIX], sample[:, PREFIX:]
     mask = name_mask(prefix_ids, runner.tokenizer)
-    projection = load_projection(settings.projection_dir / PROJECTION)
-    client_table = load_projected_table(publish(projection, table).table_bytes)
+    published = load_projection(settings.projection_dir / PROJECTION)
+    projection, client_table = published.projection, load_projected_table(published.table_bytes)
     placeholder = runner.tokenizer.encode(PLACEHOLDER, add_special_tokens=False)[0]
     start_id, started = start_token(runner.tokenizer), time.perf_counter()
     clean = table[prefix_ids]
@@ -139,6 +145,8 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"command": f"veil bench selective --segments {args.segments} --mu "
                                               + " ".join(f"{m:g}" for m in args.mu),
+                                   "base_model_sha256": runner.fingerprint, "projection_id": published.id,
+                                   "versions": package_versions(),
                                    "segments": len(continuations), "private_share": share,
                                    "private_tokens": int(mask.sum()), "nll": nll, "rows": rows,
                                    "seconds": time.perf_counter() - started}, indent=2) + "\n")

@@ -29,6 +29,7 @@ import torch
 
 from app.artifacts import manifests
 from app.model_runner import ModelRunner
+from app.provenance import package_versions
 from app.reconstruction import Projection, load_projection, pca_projection, publish
 from app.settings import ServerSettings
 from app.soft_prompts import load_soft_prompt
@@ -97,9 +98,10 @@ def main() -> None:
     nothing = start_prefix(model, start_id, len(continuations))
     floors = {"clean prefix": segment_nlls(model, table[prefix_ids], continuations).tolist(),
               "sending nothing": segment_nlls(model, nothing, continuations).tolist()}
-    projections = {label: (pca_projection(table, 72, settings.clip) if name is None
-                           else load_projection(settings.projection_dir / name)) for label, name in PROJECTIONS.items()}
-    client_tables = {label: load_projected_table(publish(p, table).table_bytes) for label, p in projections.items()}
+    published = {label: (publish(pca_projection(table, 72, settings.clip), table) if name is None
+                         else load_projection(settings.projection_dir / name)) for label, name in PROJECTIONS.items()}
+    projections = {label: p.projection for label, p in published.items()}
+    client_tables = {label: load_projected_table(p.table_bytes) for label, p in published.items()}
     levels = []
     for mu in args.mu:
         params = MechanismParams.from_mu(mu, bits=args.bits, dim=72, clip=settings.clip)
@@ -135,7 +137,9 @@ def main() -> None:
     suffix = "" if sample.corpus == "wikitext-2-test" else f"-{sample.corpus}"
     (RESULTS / f"utility{suffix}.json").write_text(json.dumps(
         {"corpus": sample.corpus, "sha256": sample.sha256, "segments": len(continuations), "bits": args.bits,
-         "seed": args.seed, "floors": floors, "levels": levels, "seconds": time.perf_counter() - started},
+         "seed": args.seed, "base_model_sha256": runner.fingerprint,
+         "projection_ids": {label: p.id for label, p in published.items()}, "versions": package_versions(),
+         "floors": floors, "levels": levels, "seconds": time.perf_counter() - started},
         indent=2) + "\n")
     plot(floors, levels, sample.corpus, suffix, settings)
 

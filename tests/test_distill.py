@@ -106,16 +106,17 @@ def test_a_prompt_worse_than_nothing_is_deactivated_and_not_served(tmp_path: Pat
     assert set(check["perplexity"]) == {"clean prefix", "nothing sent", "soft prompt alone", "private path",
                                         "mismatched control"}
     assert not check["passes"]
-    manifest = {"kind": "soft_prompt", "model_id": "tiny-llama", "projection_id": "0123456789abcdef", "bits": 4,
-                "mu": 20.0, "active": True}
+    manifest = {"kind": "soft_prompt", "model_id": "tiny-llama", "base_model_sha256": runner.fingerprint,
+                "projection_id": "0123456789abcdef", "bits": 4, "mu": 20.0, "active": True}
     save_soft_prompt(bad, tmp_path / "bad", manifest, runner)
-    assert len(load_soft_prompts(tmp_path, "tiny-llama", 32)) == 1
+    assert len(load_soft_prompts(tmp_path, runner)[0]) == 1
     record_floor_check(tmp_path / "bad", check)
     recorded = read_manifest(tmp_path / "bad")
     assert not recorded["active"] and recorded["inactive_reason"] == check["reason"]
     set_active(tmp_path / "bad", True)  # activated by hand: still not served by default
-    assert load_soft_prompts(tmp_path, "tiny-llama", 32) == []
-    assert len(load_soft_prompts(tmp_path, "tiny-llama", 32, serve_below_floor=True)) == 1
+    served, skipped = load_soft_prompts(tmp_path, runner)
+    assert served == [] and skipped["bad"].startswith("below the floor")
+    assert len(load_soft_prompts(tmp_path, runner, serve_below_floor=True)[0]) == 1
 
 
 def test_synthesized_chat_examples_are_shaped_deterministic_and_cached(tmp_path: Path, monkeypatch) -> None:
@@ -153,7 +154,7 @@ def test_a_distillation_job_with_chat_data_records_its_objective_and_floor_check
     from app.service import published_projections
 
     runner = tiny_runner()
-    pid, published = next(iter(published_projections(runner, settings).items()))  # the server's PCA projection
+    pid, published = next(iter(published_projections(runner, settings)[0].items()))  # the server's PCA projection
     config = SoftPromptConfig(name="d", projection_id=pid, mu=20.0, virtual_tokens=3, steps=3,
                               objective="distill", chat_examples=3, floor_segments=4, **{**SHAPE, "prefix_tokens": 24})
     manifest = run_training(runner, settings, config, {pid: published.projection}, activate=True)

@@ -222,8 +222,8 @@ def test_a_tenants_dp_prompt_is_served_only_to_that_tenants_keys(settings, runne
     with TestClient(create_app(settings, runner=runner)) as http:
         pid = http.get("/v1/bundle", headers=keys[None]).json()["defaults"]["projection_id"]
     for name, tenant in (("acme-dp", "acme"), ("public", None)):
-        manifest = {"model_id": "tiny-llama", "projection_id": pid, "bits": 4, "mu": 10.0 if tenant else 50.0,
-                    "active": True, **({"dp": {"tenant": tenant}} if tenant else {})}
+        manifest = {"model_id": "tiny-llama", "base_model_sha256": runner.fingerprint, "projection_id": pid,
+                    "bits": 4, "mu": 10.0 if tenant else 50.0, "active": True, **({"dp": {"tenant": tenant}} if tenant else {})}
         save_soft_prompt(torch.randn(3, 32), settings.soft_prompt_dir / name, manifest, runner)
     body = wire.encode(wire.Payload(MechanismParams.from_mu(10.0, bits=4, dim=8, clip=2.0), pid,
                                     np.zeros((2, 8), dtype=np.uint8)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.reconstruction import pca_projection
+from app.reconstruction import pca_projection, publish
 from app.soft_prompts import SoftPrompt
 from app.training.data import DataError
 from bench import privacy_utility
@@ -47,7 +47,7 @@ def bench() -> Bench:
     soft_prompt = SoftPrompt("tiny-sp", "", 4, 0.5, torch.randn(4, table.shape[1]))
     distilled = SoftPrompt("tiny-distilled", "", 4, 2000.0, torch.randn(2, table.shape[1]))
     prior = np.random.default_rng(0).integers(3, len(table), size=500)
-    bench = Bench(runner, samples, pca_projection(table, 8, 1.0), [soft_prompt, distilled], hashed_words, 1.0,
+    bench = Bench(runner, samples, publish(pca_projection(table, 8, 1.0), table), [soft_prompt, distilled], hashed_words, 1.0,
                   PLAN, prior, ["what is the capital of france ?", "hello world"])
     soft_prompt.projection_id = distilled.projection_id = bench.published.id
     return bench
@@ -174,8 +174,11 @@ def test_veil_bench_runs_the_hyphenated_benchmark() -> None:
 
     from app.cli import cli
 
-    result = CliRunner().invoke(cli, ["bench", "dp-soft-prompt", "--", "--help"])  # not imported by the tests
-    assert result.exit_code == 0 and "--epsilons" in result.output
+    for args in (["dp-soft-prompt", "--help"], ["dp-soft-prompt", "--", "--help"]):  # the benchmark's own options
+        result = CliRunner().invoke(cli, ["bench", *args])
+        assert result.exit_code == 0 and "--epsilons" in result.output, args
+    listed = CliRunner().invoke(cli, ["bench", "--help"])
+    assert listed.exit_code == 0 and "distill-lora" in listed.output
 
 
 def test_deferred_cells_wait_for_a_later_run_and_redone_cells_are_computed_again(bench: Bench, saved, tmp_path,

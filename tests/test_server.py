@@ -80,7 +80,8 @@ def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, c
         pid = http.get("/v1/bundle").json()["defaults"]["projection_id"]
     for name, mu in (("loose", 50.0), ("strict", 2.0)):
         save_soft_prompt(torch.randn(3, 32), settings.soft_prompt_dir / name,
-                         {"model_id": "tiny-llama", "projection_id": pid, "bits": 4, "mu": mu, "active": True},
+                         {"model_id": "tiny-llama", "base_model_sha256": runner.fingerprint, "projection_id": pid,
+                          "bits": 4, "mu": mu, "active": True},
                          runner)
     app = create_app(settings, runner=runner)
     with LoopbackServer(app) as server:
@@ -105,8 +106,8 @@ def test_a_prompt_below_the_floor_is_served_only_when_the_operator_opts_in(setti
     with TestClient(create_app(settings, runner=runner)) as http:
         pid = http.get("/v1/bundle").json()["defaults"]["projection_id"]
     save_soft_prompt(torch.randn(3, 32), settings.soft_prompt_dir / "worse",
-                     {"model_id": "tiny-llama", "projection_id": pid, "bits": 4, "mu": 4.0, "active": True,
-                      "floor_check": {"passes": False, "reason": "worse than sending nothing"}}, runner)
+                     {"model_id": "tiny-llama", "base_model_sha256": runner.fingerprint, "projection_id": pid, "bits": 4,
+                      "mu": 4.0, "active": True, "floor_check": {"passes": False, "reason": "worse than sending nothing"}}, runner)
     for opt_in, expected in ((False, []), (True, ["worse"])):
         with TestClient(create_app(settings.model_copy(update={"serve_below_floor": opt_in}), runner=runner)) as http:
             assert [p["name"] for p in http.get("/v1/bundle").json()["soft_prompts"]] == expected

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.artifacts import manifests, set_active
-from app.reconstruction import load_projections, pca_projection
+from app.reconstruction import TABLE_FILE, load_projections, pca_projection
 from app.soft_prompts import load_soft_prompts
 from app.training.data import DataError, parse_upload, split_held_out, token_segments
 from app.training.jobs import JobManager, JobState
@@ -20,6 +20,7 @@ from app.training.loop import Cancelled, CheckpointMismatch, train_loop
 from app.training.mechanism import privatize
 from app.training.projection import ProjectionConfig, train_projection
 from app.training.soft_prompt import SoftPromptConfig, train_soft_prompt
+from client_sdk.bundle import sha256_hex
 from tests.conftest import tiny_runner
 
 SENTENCES = ["the capital of france is paris .", "paris is a city and a river .", "hello world .",
@@ -106,10 +107,11 @@ def test_projection_training_writes_an_artifact_the_server_loads(tmp_path: Path)
     assert torch.equal(runner.input_embeddings, before)  # the LLM is frozen
     assert manifest["steps"] == 6 and len(manifest["loss_curve"]) == 6
     assert all(torch.isfinite(torch.tensor([manifest["held_out_loss"], manifest["held_out_loss_pca"]])))
-    assert load_projections(tmp_path, "tiny-llama", 32) == []  # trained artifacts start inactive
+    assert load_projections(tmp_path, runner) == ([], {"proj": "inactive (not activated)"})  # trained: inactive
     set_active(tmp_path / "proj", True)
-    (loaded,) = load_projections(tmp_path, "tiny-llama", 32)
-    pca = pca_projection(runner.input_embeddings.detach(), 8, 2.0)
+    (published,), _ = load_projections(tmp_path, runner)
+    assert published.id == manifest["id"] == sha256_hex((tmp_path / "proj" / TABLE_FILE).read_bytes())[:16]
+    loaded, pca = published.projection, pca_projection(runner.input_embeddings.detach(), 8, 2.0)
     assert loaded.dim == 8 and not torch.allclose(loaded.encoder, pca.encoder)  # trained away from the PCA start
 
 
@@ -122,7 +124,7 @@ def test_soft_prompt_training_is_a_peft_prompt_tuning_adapter(tmp_path: Path) ->
     manifest = train_soft_prompt(runner, projection, config, corpus(), tmp_path)
     assert {"held_out_loss", "held_out_loss_without_prompt", "data_sha256"} <= manifest.keys()
     set_active(tmp_path / "sp", True)
-    (prompt,) = load_soft_prompts(tmp_path, "tiny-llama", 32)
+    (prompt,), _ = load_soft_prompts(tmp_path, runner)
     assert (prompt.bits, prompt.mu, prompt.embeddings.shape) == (4, 20.0, (5, 32))
     adapted = peft.PeftModel.from_pretrained(tiny_runner().model, str(tmp_path / "sp"))
     assert torch.equal(adapted.get_prompt_embedding_to_save("default"), prompt.embeddings)

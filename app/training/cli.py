@@ -31,13 +31,13 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
     from app.model_runner import ModelRunner
     from app.service import published_projections
     from app.settings import ServerSettings
-    from app.training.jobs import CONFIGS, artifact_root, charge_tenant, run_training
+    from app.training.jobs import CONFIGS, artifact_root, charge_tenant, current_projections, run_training
     from app.training.tenant_budget import BudgetExceeded
 
     settings = ServerSettings(**({"model": model} if model else {}))
     runner = ModelRunner.load(settings.model, settings.cache_dir, settings.device)
     if kind != "projection" and fields["projection_id"] is None:
-        fields["projection_id"] = next(iter(published_projections(runner, settings)))
+        fields["projection_id"] = next(iter(published_projections(runner, settings)[0]))
     try:
         config = CONFIGS[kind](**fields)
     except ValidationError as err:
@@ -48,8 +48,7 @@ def _run(kind: str, fields: dict, model: str | None, checkpoint: Path | None, ac
         except BudgetExceeded as err:
             raise typer.BadParameter(str(err)) from None
     checkpoint = checkpoint or settings.cache_dir / "checkpoints" / f"{kind}-{config.name}.pt"
-    projections = {} if kind == "projection" else {
-        pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
+    projections = {} if kind == "projection" else current_projections(runner, settings)
     bar = tqdm(total=config.steps, desc=f"{kind} {config.name}", unit="step")
 
     def on_step(step: int, loss: float | None) -> None:
@@ -179,16 +178,15 @@ def check(
     """Score soft prompts on held-out text against sending nothing, the clean prefix and the mismatched control."""
     from app.artifacts import read_manifest
     from app.model_runner import ModelRunner
-    from app.service import published_projections
     from app.settings import ServerSettings
     from app.soft_prompts import load_soft_prompt, record_floor_check
     from app.training.config import load_text
     from app.training.floor import floor_check
-    from app.training.jobs import upload_dir
+    from app.training.jobs import current_projections, upload_dir
 
     settings = ServerSettings(**({"model": model} if model else {}))
     runner = ModelRunner.load(settings.model, settings.cache_dir, settings.device)
-    projections = {pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
+    projections = current_projections(runner, settings)
     text = load_text(data, settings.data_dir, upload_dir(settings))
     for name in names:
         directory = settings.soft_prompt_dir / name

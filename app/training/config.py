@@ -60,10 +60,13 @@ def held_out_loss(loss_fn, held: torch.Tensor, batch_size: int, seed: int) -> fl
     return total / len(held)
 
 
-def training_record(model_id: str, config: TrainingConfig, text: str, train: torch.Tensor, state: LoopState) -> dict:
-    """The manifest fields every trained artifact records: what it is for, what it saw, how training went."""
+def training_record(model_id: str, fingerprint: str, config: TrainingConfig, text: str, train: torch.Tensor,
+                    state: LoopState) -> dict:
+    """The manifest fields every trained artifact records: what it is for (the model's name and content
+    fingerprint), what it saw, how training went."""
     return {
         "model_id": model_id,
+        "base_model_sha256": fingerprint,
         "active": False,
         "config": config.model_dump(),
         "data_sha256": text_sha256(text),

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from app.artifacts import delete_artifact, manifests, set_active
 from app.files import write_bytes_atomic
 from app.model_runner import ModelRunner
-from app.reconstruction import Projection, load_projection, publish
+from app.reconstruction import Projection, load_projection
 from app.service import published_projections
 from app.settings import ServerSettings
 from app.soft_prompts import below_floor, load_soft_prompt, record_floor_check
@@ -64,7 +64,7 @@ def charge_tenant(settings: ServerSettings, config: DPSoftPromptConfig, job_id: 
 
 def current_projections(runner: ModelRunner, settings: ServerSettings) -> dict[str, Projection]:
     """Every projection a soft prompt may be trained for: all trained ones for this model (served or not), and PCA."""
-    return {pid: p.projection for pid, p in published_projections(runner, settings, active_only=False).items()}
+    return {pid: p.projection for pid, p in published_projections(runner, settings, active_only=False)[0].items()}
 
 
 def floor_text(settings: ServerSettings, config: JobConfig) -> str | None:
@@ -134,7 +134,7 @@ def run_training(runner: ModelRunner, settings: ServerSettings, config: JobConfi
         # the in-memory manifest keeps what a DP artifact's file does not (its training record, for the job)
         manifest |= {k: checked[k] for k in ("floor_check", "active", "inactive_reason") if k in checked}
     if activate and not isinstance(config, ProjectionConfig) and \
-            config.projection_id not in published_projections(runner, settings):  # listed active, never served
+            config.projection_id not in published_projections(runner, settings)[0]:  # listed active, never served
         reason = f"projection {config.projection_id} is not served: activate it, then this soft prompt"
         manifest = {**manifest, **set_active(directory, False, reason=reason)}
     elif activate and not below_floor(manifest):
@@ -208,8 +208,7 @@ class JobManager:
 
     def dependents(self, projection_dir: Path) -> list[str]:
         """What uses the trained projection in `projection_dir`: active soft prompts and unfinished jobs."""
-        table = self.runner.input_embeddings.detach()
-        projection_id = publish(load_projection(projection_dir), table).id
+        projection_id = load_projection(projection_dir).id
         prompts = [f"soft prompt {name!r}" for name, m in manifests(self.settings.soft_prompt_dir).items()
                    if m.get("active") and m.get("projection_id") == projection_id]
         with self._lock:

@@ -81,13 +81,14 @@ def train_projection(runner: ModelRunner, config: ProjectionConfig, text: str, o
                        on_step=on_step)
     trained = Projection(*(t.detach() for t in (projection.encoder, projection.decoder, projection.mean)),
                          clip=config.clip)
+    published = publish(trained, table)
     manifest = {
         "kind": "projection",
-        "id": publish(trained, table).id,
-        **training_record(runner.model_id, config, text, train, state),
+        "id": published.id,
+        **training_record(runner.model_id, runner.fingerprint, config, text, train, state),
         "held_out_loss_pca": before,
         "held_out_loss": held_out_loss(projection_loss(runner, trained, config), held, config.batch_size,
                                        config.seed),
     }
-    save_projection(trained, out_dir / config.name, manifest)
+    save_projection(published, out_dir / config.name, manifest)
     return manifest

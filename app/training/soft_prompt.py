@@ -117,7 +117,7 @@ def soft_prompt_manifest(runner: ModelRunner, projection: Projection, config: So
                              config.seed)
 
     return {"kind": "soft_prompt", "projection_id": config.projection_id, "bits": config.bits, "mu": config.mu,
-            "objective": config.objective, **training_record(runner.model_id, config, text, train, state),
+            "objective": config.objective, **training_record(runner.model_id, runner.fingerprint, config, text, train, state),
             "held_out_loss": held_out(prompt), "held_out_loss_without_prompt": held_out(None)}
 
 
