@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from client_sdk.accounting import DEFAULT_DELTA
 from client_sdk.accounting import composition
@@ -106,10 +106,14 @@ class BudgetLedger:
     def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
         self.path = Path(path).expanduser()
         self.limits_path = self.path.with_name(self.path.name + ".limits.json")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger's folder {self.path.parent} ({exc.strerror}); "
+                              f"nothing was sent") from exc
         self._timeout = timeout
         self._lock = FileLock(str(self.path.with_name(self.path.name + ".lock")), timeout=timeout)
-        with self._lock:
+        with self._locked():
             self.ledger_id = self._open()
 
     @staticmethod
@@ -118,6 +122,22 @@ class BudgetLedger:
         path = Path(path).expanduser()
         for suffix in ("", "-wal", "-shm", ".limits.json"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The ledger's file lock (one writer of the limits file at a time), its failures as LedgerError."""
+        try:
+            self._lock.acquire()
+        except Timeout as exc:
+            raise LedgerError(f"another process has held the ledger's lock {self._lock.lock_file} for over "
+                              f"{self._timeout:g} s; nothing was sent") from exc
+        except OSError as exc:
+            raise LedgerError(f"cannot take the ledger's lock {self._lock.lock_file} ({exc.strerror}): the folder "
+                              f"{self.path.parent} must be writable; nothing was sent") from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     # -- opening and failing closed ---------------------------------------------------------------
 
@@ -134,12 +154,16 @@ class BudgetLedger:
                               f"send. Restore it, or BudgetLedger.discard() the ledger on purpose") from exc
 
     def _write_config(self, config: dict) -> None:
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(config, tmp, indent=2, sort_keys=True)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, self.limits_path)
-        fsync_directory(self.path.parent)
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
+                json.dump(config, tmp, indent=2, sort_keys=True)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp.name, self.limits_path)
+            fsync_directory(self.path.parent)
+        except OSError as exc:
+            raise LedgerError(f"cannot write the ledger's limits file {self.limits_path} ({exc.strerror}); "
+                              f"nothing was sent") from exc
 
     def _open(self) -> str:
         config = self._read_config()
@@ -234,7 +258,7 @@ class BudgetLedger:
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
         wanted = {"per_prompt_epsilon": per_prompt_epsilon, "total_epsilon": total_epsilon, "delta": delta}
-        with self._lock:
+        with self._locked():
             config = self._read_config()
             if config is None or config["ledger_id"] != self.ledger_id:
                 raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")

@@ -14,13 +14,14 @@ from typing import AsyncIterator, Generator, Iterator, Literal, Mapping, Sequenc
 
 import httpx
 import platformdirs
-from httpx_sse import EventSource
+from httpx_sse import EventSource, SSEError
+from pydantic import ValidationError
 
 from client_sdk import wire
 from client_sdk.accounting import PrivacyReport, privacy_report
 from client_sdk.budget import BudgetLedger, Mechanism
 from client_sdk.bundle import DEFAULT_CACHE_DIR, ClientBundle, files_to_fetch, sha256_hex, store_verified
-from client_sdk.errors import BudgetExceededError, BundleError, ServerError
+from client_sdk.errors import BudgetExceededError, BundleError, ProtocolError, ServerError
 from client_sdk.mechanism import MechanismParams, secure_rng
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.privatize import privatize_spans
@@ -28,6 +29,7 @@ from client_sdk.schemas import BundleInfo, GenerateResponse
 from client_sdk.spans import Message, Placeholders, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
+SENT = "the prompt was sent and its privacy charged"
 
 
 def default_ledger_path() -> Path:
@@ -157,20 +159,37 @@ class _ClientCore:
         raise ServerError(response.status_code, str(detail))
 
     @staticmethod
-    def result(body: dict, prepared: PreparedPrompt) -> GenerationResult:
-        answer = GenerateResponse.model_validate(body)
+    def result(body: str | bytes, prepared: PreparedPrompt) -> GenerationResult:
+        """The answer in a JSON `body` (a response's, or a stream's final event), placeholders restored."""
+        try:
+            answer = GenerateResponse.model_validate_json(body)
+        except ValidationError as err:
+            raise ProtocolError(f"the server's answer is not a valid generation ({err.error_count()} problems, first: "
+                                f"{err.errors()[0]['msg']}); {SENT}") from None
         answer.text = prepared.placeholders.restore(answer.text)
         return GenerationResult(**answer.model_dump(), privacy=prepared.report, bytes_sent=len(prepared.payload))
 
     @staticmethod
-    def stream_event(event: str, data: str) -> tuple[str | None, dict | None]:
-        """(text chunk, final body) of one SSE event; raises ServerError on an error event."""
-        body = json.loads(data)
+    def stream_event(event: str, data: str) -> tuple[str | None, str | None]:
+        """(text chunk, final body) of one SSE event; raises ServerError on an error event, ProtocolError on one
+        that is not the API's."""
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("text", ""), str):
+            raise ProtocolError(f"the server's event stream sent {event!r} data that is not the API's JSON object: "
+                                f"{data[:80]!r}; {SENT}")
         if event == "error":
-            raise ServerError(200, body.get("detail", data))
+            raise ServerError(200, str(body.get("detail", data)))
         if event == "done":
-            return None, body
+            return None, data
         return body.get("text", ""), None
+
+    @staticmethod
+    def stream_ended(stream: "GenerationStream | AsyncGenerationStream") -> None:
+        if stream.result is None:
+            raise ProtocolError(f"the server's event stream ended without its final event; {SENT}")
 
 
 class GenerationStream:
@@ -287,7 +306,7 @@ class PrivateLLMClient:
         self._core.settle(prepared, sent=True)
         if not stream:
             self._core.check(response)
-            return self._core.result(response.json(), prepared)
+            return self._core.result(response.content, prepared)
         if not response.is_success:
             response.read()
             response.close()
@@ -303,8 +322,11 @@ class PrivateLLMClient:
                         out.result = self._core.result(final, prepared)
                     elif text and (restored := restorer.feed(text)):
                         yield restored
+                self._core.stream_ended(out)
                 if tail := restorer.flush():
                     yield tail
+            except SSEError as err:
+                raise ProtocolError(f"the server's answer is not an event stream ({err}); {SENT}") from None
             finally:
                 response.close()
 
@@ -397,7 +419,7 @@ class AsyncPrivateLLMClient:
         self._core.settle(prepared, sent=True)
         if not stream:
             self._core.check(response)
-            return self._core.result(response.json(), prepared)
+            return self._core.result(response.content, prepared)
         if not response.is_success:
             await response.aread()
             await response.aclose()
@@ -413,8 +435,11 @@ class AsyncPrivateLLMClient:
                         out.result = self._core.result(final, prepared)
                     elif text and (restored := restorer.feed(text)):
                         yield restored
+                self._core.stream_ended(out)
                 if tail := restorer.flush():
                     yield tail
+            except SSEError as err:
+                raise ProtocolError(f"the server's answer is not an event stream ({err}); {SENT}") from None
             finally:
                 await response.aclose()
 

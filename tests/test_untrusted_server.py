@@ -3,14 +3,21 @@ from the server. Each test fails against the code before its fix."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
+from typing import Iterator
+
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from app.api import create_app
-from client_sdk import BundleError, VeilError, wire
+from client_sdk import (AsyncPrivateLLMClient, BudgetLedger, BundleError, LedgerError, ProtocolError, VeilError,
+                        wire)
 from client_sdk.mechanism import MechanismParams, max_scale
-from tests.test_client import make_client, server  # noqa: F401 (a fixture)
+from tests.test_client import POLICY, make_client, server  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("mu", [1e-300, -1.0, 0.0])
@@ -35,3 +42,95 @@ def test_the_server_refuses_a_scale_the_mechanism_never_produces(settings, runne
         refused = send(3e38)
         assert refused.status_code == 400 and "largest the mechanism produces" in refused.json()["detail"]
         assert send(max_scale(4, dim, clip)).status_code == 200  # the loosest A the SDK can produce still passes
+
+
+def answer_generate_with(server, body: bytes, content_type: str = "text/event-stream") -> None:
+    """Make the fake server answer every /v1/generate with `body` (set before the client is made)."""
+    bundle_files = server.handle
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/generate":
+            server.requests.append(request)
+            return httpx.Response(200, content=body, headers={"Content-Type": content_type})
+        return bundle_files(request)
+
+    server.handle = handle
+
+
+MALFORMED_STREAMS = {
+    "not JSON": b"data: not json\n\n",
+    "a JSON list": b"data: [1, 2]\n\n",
+    "text that is a number": b'data: {"text": 5}\n\n',
+    "a final event missing fields": b'data: {"text": "x"}\n\nevent: done\ndata: {"text": "x"}\n\n',
+    "no final event": b'data: {"text": "paris"}\n\n',
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_STREAMS.values(), ids=MALFORMED_STREAMS.keys())
+def test_a_malformed_event_stream_is_a_protocol_error(server, tmp_path, body) -> None:
+    answer_generate_with(server, body)
+    with make_client(server, tmp_path) as client:
+        with pytest.raises(ProtocolError, match="sent and its privacy charged"):
+            list(client.generate("paris", stream=True))
+
+
+def test_an_answer_that_is_not_an_event_stream_is_a_protocol_error(server, tmp_path) -> None:
+    answer_generate_with(server, b"data: {}\n\n", "text/plain")
+    with make_client(server, tmp_path) as client:
+        with pytest.raises(ProtocolError, match="not an event stream"):
+            list(client.generate("paris", stream=True))
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"text": 1}', b"[]"])
+def test_a_malformed_answer_is_a_protocol_error(server, tmp_path, body) -> None:
+    answer_generate_with(server, body, "application/json")
+    with make_client(server, tmp_path) as client:
+        with pytest.raises(ProtocolError, match="not a valid generation"):
+            client.generate("paris")
+
+
+def test_the_async_client_reads_malformed_streams_as_protocol_errors(server, tmp_path) -> None:
+    answer_generate_with(server, b"data: nope\n\n")
+
+    async def run() -> None:
+        async with AsyncPrivateLLMClient("http://fake", policy=POLICY, ledger=tmp_path / "ledger.db",
+                                         cache_dir=tmp_path / "cache",
+                                         transport=httpx.MockTransport(server.handle)) as client:
+            stream = await client.generate("paris", stream=True)
+            async for _ in stream:
+                pass
+
+    with pytest.raises(ProtocolError):
+        asyncio.run(run())
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder this process cannot write: chmod 555, or (as root, who may write anyway) read-only /sys."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif _writable("/sys"):
+        pytest.skip("running as root with a writable /sys: no read-only folder to test with")
+    else:
+        yield Path("/sys")
+
+
+def _writable(folder: str) -> bool:
+    try:
+        Path(folder, ".veil-probe").touch()
+    except OSError:
+        return False
+    Path(folder, ".veil-probe").unlink()
+    return True
+
+
+def test_a_read_only_ledger_folder_is_a_ledger_error(read_only_folder, server, tmp_path) -> None:
+    with pytest.raises(LedgerError, match="must be writable; nothing was sent"):
+        BudgetLedger(read_only_folder / "ledger.db")
+    with pytest.raises(LedgerError, match="cannot create the ledger's folder"):
+        make_client(server, tmp_path, ledger=read_only_folder / "veil" / "ledger.db")
+    assert server.generate_requests() == []
