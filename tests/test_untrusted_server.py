@@ -4,7 +4,9 @@ from the server. Each test fails against the code before its fix."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -134,3 +136,45 @@ def test_a_read_only_ledger_folder_is_a_ledger_error(read_only_folder, server, t
     with pytest.raises(LedgerError, match="cannot create the ledger's folder"):
         make_client(server, tmp_path, ledger=read_only_folder / "veil" / "ledger.db")
     assert server.generate_requests() == []
+
+
+def charge(ledger: BudgetLedger, i: int) -> None:
+    ledger.reserve("k", f"charge-{i}", 100.0, 1e-5)
+    ledger.mark_sent(f"charge-{i}")
+
+
+def test_restoring_an_older_ledger_is_detected(tmp_path) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    ledger.set_limits("k", total_epsilon=1000.0)
+    charge(ledger, 0)
+    shutil.copy(ledger.path, tmp_path / "backup.db")  # a device backup after one charge
+    for i in range(1, 4):
+        charge(ledger, i)
+    assert ledger.spent("k").charges == 4
+    shutil.copy(tmp_path / "backup.db", ledger.path)  # restored: one charge, epsilon 100 spent
+    with pytest.raises(LedgerError, match="older copy of the ledger was restored"):
+        ledger.reserve("k", "charge-4", 100.0, 1e-5)
+    with pytest.raises(LedgerError, match="older copy of the ledger was restored"):
+        BudgetLedger(ledger.path)
+
+
+def test_restoring_an_older_limits_file_is_detected(tmp_path) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    ledger.set_limits("k", total_epsilon=1000.0)
+    backup = ledger.limits_path.read_text()
+    for i in range(2):
+        charge(ledger, i)
+    ledger.limits_path.write_text(backup)
+    with pytest.raises(LedgerError, match="older copy of the limits file"):
+        ledger.spent("k")
+
+
+def test_a_crash_between_the_two_writes_is_repaired(tmp_path) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    ledger.set_limits("k", total_epsilon=1000.0)
+    charge(ledger, 0)
+    config = json.loads(ledger.limits_path.read_text())
+    ledger.limits_path.write_text(json.dumps({**config, "generation": config["generation"] - 1}))  # file one behind
+    charge(ledger, 1)
+    assert BudgetLedger(ledger.path).spent("k").charges == 2
+    assert json.loads(ledger.limits_path.read_text())["generation"] == config["generation"] + 2
