@@ -14,8 +14,10 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from app.api import create_app
+from app.keys import KeyStore, key_file
 from client_sdk import (AsyncPrivateLLMClient, BudgetLedger, BundleError, LedgerError, ProtocolError, VeilError,
                         wire)
 from client_sdk.mechanism import MechanismParams, max_scale
@@ -178,3 +180,15 @@ def test_a_crash_between_the_two_writes_is_repaired(tmp_path) -> None:
     charge(ledger, 1)
     assert BudgetLedger(ledger.path).spent("k").charges == 2
     assert json.loads(ledger.limits_path.read_text())["generation"] == config["generation"] + 2
+
+
+def test_wrong_keys_from_one_address_do_not_lock_out_a_valid_key(settings, runner) -> None:
+    settings.admin_key, settings.require_api_key = SecretStr("s3cret"), True
+    _, good = KeyStore(key_file(settings)).create("app")
+    with TestClient(create_app(settings, runner=runner)) as http:
+        wrong = [http.get("/v1/bundle", headers={"Authorization": "Bearer veil_0_x"}).status_code
+                 for _ in range(settings.auth_failures_per_minute + 1)]
+        assert wrong == [403] * settings.auth_failures_per_minute + [429]
+        assert http.get("/v1/bundle", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+        assert http.get("/admin/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert http.get("/v1/bundle", headers={"Authorization": "Bearer veil_0_y"}).status_code == 429
