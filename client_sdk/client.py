@@ -20,12 +20,13 @@ from pydantic import ValidationError
 from client_sdk import wire
 from client_sdk.accounting import PrivacyReport, privacy_report
 from client_sdk.budget import BudgetLedger, Mechanism
-from client_sdk.bundle import DEFAULT_CACHE_DIR, ClientBundle, files_to_fetch, sha256_hex, store_verified
+from client_sdk.bundle import (DEFAULT_CACHE_DIR, MAX_BUNDLE_INFO_BYTES, ClientBundle, aget_capped, files_to_fetch,
+                               get_capped, parse_bundle_info, sha256_hex, store_verified)
 from client_sdk.errors import BudgetExceededError, BundleError, ProtocolError, ServerError
 from client_sdk.mechanism import MechanismParams, secure_rng
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.privatize import privatize_spans
-from client_sdk.schemas import BundleInfo, GenerateResponse
+from client_sdk.schemas import GenerateResponse
 from client_sdk.spans import Message, Placeholders, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
@@ -76,7 +77,9 @@ class _ClientCore:
         budget_key: str,
         cache_dir: str | Path | None,
         seed: int | None,
+        chat_templates: Sequence[str],
     ) -> None:
+        self.chat_templates = tuple(chat_templates)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.policy = policy or PrivacyPolicy.default()
         self.mu, self.bits, self.projection_id = mu, bits, projection_id
@@ -91,19 +94,21 @@ class _ClientCore:
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR / "files"
         self._rng = secure_rng(seed) if seed is not None else None  # None: fresh OS seed per call
 
-    def fetch_bundle(self, base_url: httpx.URL) -> Generator[httpx.URL | str, httpx.Response, ClientBundle]:
-        """Sans-I/O: yields each URL to GET, is sent its response, returns the verified bundle."""
-        response = yield "/v1/bundle"
+    def fetch_bundle(self, base_url: httpx.URL) -> Generator[tuple[httpx.URL | str, int, str], httpx.Response,
+                                                              ClientBundle]:
+        """Sans-I/O: yields each (URL, size limit, description) to GET, is sent its response (the body read up to
+        the limit), returns the verified bundle."""
+        response = yield "/v1/bundle", MAX_BUNDLE_INFO_BYTES, "the bundle"
         self.check(response)
-        info = BundleInfo.model_validate(response.json())
+        info = parse_bundle_info(response.content)
         if info.wire_version < wire.VERSION:
             raise BundleError(f"the server speaks wire version {info.wire_version}; this client needs "
                               f"{wire.VERSION} (public and private spans): upgrade the server")
-        for url, sha, what in files_to_fetch(info, base_url, self.cache_dir):
-            response = yield url
+        for url, sha, what, limit in files_to_fetch(info, base_url, self.cache_dir):
+            response = yield url, limit, what
             self.check(response)
             store_verified(self.cache_dir, response.content, sha, what)
-        return ClientBundle.from_cache(info, self.cache_dir)
+        return ClientBundle.from_cache(info, self.cache_dir, self.chat_templates)
 
     def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool) -> PreparedPrompt:
         params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
@@ -225,6 +230,8 @@ _COMMON_DOC = """
     ledger: a BudgetLedger or a path; None (default) is the persistent ledger in the user's data directory
         (`default_ledger_path()`); False turns the ledger off. The policy's caps are its limits for budget_key.
     seed: only for tests; by default every call draws a fresh seed from the OS's secure source.
+    chat_templates: chat templates the app has vetted, rendered when the server's bundle names one of them (by
+        SHA-256) besides those the SDK ships (client_sdk.templates); the server's own text is never rendered.
     A prompt is a string (one user message, private throughout) or a list of messages
     ({"role", "content", "public"?} dicts or Message), whose content may be parts (client_sdk.spans).
 """
@@ -247,12 +254,13 @@ class PrivateLLMClient:
         budget_key: str = "default",
         cache_dir: str | Path | None = None,
         seed: int | None = None,
+        chat_templates: Sequence[str] = (),
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._core = _ClientCore(api_key=api_key, policy=policy, mu=mu, bits=bits, projection_id=projection_id,
                                  allow_looser_bundle=allow_looser_bundle, ledger=ledger, budget_key=budget_key,
-                                 cache_dir=cache_dir, seed=seed)
+                                 cache_dir=cache_dir, seed=seed, chat_templates=chat_templates)
         self._http = httpx.Client(base_url=base_url, headers=self._core.headers, timeout=timeout, transport=transport)
         self._bundle: ClientBundle | None = None
 
@@ -269,10 +277,10 @@ class PrivateLLMClient:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
             steps = self._core.fetch_bundle(self._http.base_url)
-            url = next(steps)
+            request = next(steps)
             while self._bundle is None:
                 try:
-                    url = steps.send(self._http.get(url))
+                    request = steps.send(get_capped(self._http, *request))
                 except StopIteration as done:
                     self._bundle = done.value
         return self._bundle
@@ -360,12 +368,13 @@ class AsyncPrivateLLMClient:
         budget_key: str = "default",
         cache_dir: str | Path | None = None,
         seed: int | None = None,
+        chat_templates: Sequence[str] = (),
         timeout: float = 120.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._core = _ClientCore(api_key=api_key, policy=policy, mu=mu, bits=bits, projection_id=projection_id,
                                  allow_looser_bundle=allow_looser_bundle, ledger=ledger, budget_key=budget_key,
-                                 cache_dir=cache_dir, seed=seed)
+                                 cache_dir=cache_dir, seed=seed, chat_templates=chat_templates)
         self._http = httpx.AsyncClient(base_url=base_url, headers=self._core.headers, timeout=timeout,
                                        transport=transport)
         self._bundle: ClientBundle | None = None
@@ -382,10 +391,10 @@ class AsyncPrivateLLMClient:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
             steps = self._core.fetch_bundle(self._http.base_url)
-            url = next(steps)
+            request = next(steps)
             while self._bundle is None:
                 try:
-                    url = steps.send(await self._http.get(url))
+                    request = steps.send(await aget_capped(self._http, *request))
                 except StopIteration as done:
                     self._bundle = done.value
         return self._bundle

@@ -15,13 +15,18 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from safetensors.numpy import save
 
 from app.api import create_app
 from app.keys import KeyStore, key_file
 from client_sdk import (AsyncPrivateLLMClient, BudgetLedger, BundleError, LedgerError, ProtocolError, VeilError,
                         wire)
+from client_sdk import bundle
+from client_sdk import client as client_module
+from client_sdk.bundle import sha256_hex
 from client_sdk.mechanism import MechanismParams, max_scale
-from tests.test_client import POLICY, make_client, server  # noqa: F401 (a fixture)
+from client_sdk.spans import as_messages
+from tests.test_client import DIM, ID, POLICY, TEMPLATE, WORDS, make_client, server  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("mu", [1e-300, -1.0, 0.0])
@@ -192,3 +197,96 @@ def test_wrong_keys_from_one_address_do_not_lock_out_a_valid_key(settings, runne
         assert http.get("/v1/bundle", headers={"Authorization": f"Bearer {good}"}).status_code == 200
         assert http.get("/admin/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert http.get("/v1/bundle", headers={"Authorization": "Bearer veil_0_y"}).status_code == 429
+
+
+HOSTILE_TEMPLATES = {
+    "a long loop": "{% for i in range(20000) %}hello {% endfor %}" + TEMPLATE,
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + TEMPLATE,
+    "one character changed": TEMPLATE.replace("assistant", "assistent"),
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
+def test_a_template_the_sdk_does_not_ship_is_never_rendered(server, tmp_path, template) -> None:
+    server.info.chat_template = template
+    with make_client(server, tmp_path) as client:
+        with pytest.raises(BundleError, match="not one this SDK renders"):
+            client.generate("paris")
+        assert client.generate("paris", chat=False).text == "paris"  # without a template the bundle still works
+    assert len(server.generate_requests()) == 1
+
+
+def test_the_app_may_vet_a_template_and_the_device_renders_its_own_copy(server, tmp_path) -> None:
+    vetted = TEMPLATE.replace("assistant", "system")
+    server.info.chat_template = vetted
+    with make_client(server, tmp_path, chat_templates=[vetted]) as client:
+        spans = client.bundle.spans(as_messages("paris"))
+    assert [int(i) for s in spans if not s.private for i in s.ids][-1] == ID["system"]
+
+
+def serve_table(server, content: bytes) -> None:
+    """Make the fake server's bundle offer `content` as its projected table (hash and id to match)."""
+    sha = sha256_hex(content)
+    server.table_bytes = content
+    server.info.projections[0] = server.info.projections[0].model_copy(
+        update={"id": sha[:16], "table_sha256": sha, "table_url": f"/v1/bundle/projections/{sha[:16]}"})
+    server.info.defaults.projection_id = sha[:16]
+
+
+DOCTORED_TABLES = {
+    "not safetensors": lambda: b"\x00" * 64,
+    "a NaN in the table": lambda: save({"table": np.full((len(WORDS), DIM), np.nan, dtype=np.float16)}),
+    "no tensor named table": lambda: save({"other": np.zeros((len(WORDS), DIM), dtype=np.float16)}),
+}
+
+
+@pytest.mark.parametrize("make", DOCTORED_TABLES.values(), ids=DOCTORED_TABLES.keys())
+def test_a_doctored_table_is_a_bundle_error(server, tmp_path, make) -> None:
+    serve_table(server, make())
+    with make_client(server, tmp_path) as client, pytest.raises(BundleError):
+        client.generate("paris")
+    assert server.generate_requests() == []
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b'{"not": "a tokenizer"}'])
+def test_a_doctored_tokenizer_is_a_bundle_error(server, tmp_path, content) -> None:
+    server.tokenizer_bytes, server.info.tokenizer_sha256 = content, sha256_hex(content)
+    with make_client(server, tmp_path) as client, pytest.raises(BundleError, match="not a tokenizer"):
+        client.generate("paris")
+
+
+def test_a_tokenizer_larger_than_the_table_is_a_bundle_error(server, tmp_path) -> None:
+    server.info.vocab_size -= 1
+    serve_table(server, save({"table": np.zeros((len(WORDS) - 1, DIM), dtype=np.float16)}))
+    with make_client(server, tmp_path) as client, pytest.raises(BundleError, match="more than the bundle's"):
+        client.generate("paris")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["Content-Length", "chunked"])
+@pytest.mark.parametrize("what", ["bundle", "tokenizer", "table"])
+def test_downloads_are_refused_past_their_size_limit_before_they_are_read(server, tmp_path, monkeypatch, what,
+                                                                        declared) -> None:
+    limit, sent = 4096, []
+    monkeypatch.setattr(bundle, {"bundle": "MAX_BUNDLE_INFO_BYTES", "tokenizer": "MAX_TOKENIZER_BYTES",
+                                 "table": "MAX_TABLE_BYTES"}[what], limit)
+    monkeypatch.setattr(client_module, "MAX_BUNDLE_INFO_BYTES", bundle.MAX_BUNDLE_INFO_BYTES)
+    path = {"bundle": "/v1/bundle", "tokenizer": server.info.tokenizer_url,
+            "table": server.info.projections[0].table_url}[what]
+    files = server.handle
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(1000):  # 64 MiB unless the client stops reading
+            sent.append(1)
+            yield b"x" * 65536
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path != path:
+            return files(request)
+        if declared:
+            return httpx.Response(200, headers={"Content-Length": str(64 << 20)}, stream=httpx.ByteStream(b""))
+        return httpx.Response(200, content=chunks())
+
+    server.handle = handle
+    with make_client(server, tmp_path) as client, pytest.raises(BundleError, match="over the limit of 4096 bytes"):
+        client.generate("paris")
+    assert len(sent) <= 1
