@@ -1,4 +1,6 @@
-"""Red team: replay issue 15's attacks against `veil serve` on loopback and check what the server does.
+"""Red team: replay issue 15's attacks against `veil serve` on loopback and check what the server does, and issue
+24's against the SDK (bench.abuse_device: a fake server on 127.0.0.1 serving doctored bundles, templates, tables,
+event streams and redirects; rows with owner "device", in a table of their own).
 
     veil bench abuse [--model smollm2|tiny] [--port 8790]
 
@@ -34,6 +36,7 @@ import numpy as np
 from app.artifacts import SERVER_ONLY
 from app.keys import KeyStore
 from app.metrics import MU_BUCKETS
+from bench.abuse_device import against_device
 from client_sdk import wire
 from client_sdk.mechanism import MechanismParams
 
@@ -451,14 +454,23 @@ def against_b(b: Served) -> None:
 
 
 def markdown(results: dict) -> str:
-    """The results as SECURITY.md carries them: the command, the date and the pass count, then one row per attack."""
+    """The results as SECURITY.md carries them: the command, the date and the pass count, then the server's table
+    (one row per attack on `veil serve`) and the device's (one row per attack on the SDK)."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
+    def table(rows: list[dict]) -> list[str]:
+        return ["| attack | expected | observed | result |", "| --- | --- | --- | --- |"] + [
+            f"| {cell(r['attack'])} | {cell(r['expected'])} | {cell(r['observed'])} | "
+            f"{'pass' if r['pass'] else '**fail**'} |" for r in rows]
+
+    server = [r for r in results["rows"] if r["owner"] != "device"]
+    device = [r for r in results["rows"] if r["owner"] == "device"]
     lines = [f"`{results['command']}` on {results['date']}: {results['passed']} of {len(results['rows'])} rows pass.",
-             "", "| attack | expected | observed | result |", "| --- | --- | --- | --- |"]
-    lines += [f"| {cell(r['attack'])} | {cell(r['expected'])} | {cell(r['observed'])} | "
-              f"{'pass' if r['pass'] else '**fail**'} |" for r in results["rows"]]
+             "", f"The server ({sum(r['pass'] for r in server)} of {len(server)}):", "", *table(server)]
+    if device:
+        lines += ["", f"The device: the SDK against a fake server ({sum(r['pass'] for r in device)} of {len(device)}):",
+                  "", *table(device)]
     return "\n".join(lines) + "\n"
 
 
@@ -467,6 +479,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="'tiny' (a random 2-layer Llama) or a model spec")
     parser.add_argument("--port", type=int, default=8790)
     args = parser.parse_args()
+    print("the device: the SDK against a fake server on 127.0.0.1")
+    against_device(attack)  # first, so that its memory bound is not measured over the servers' leftovers
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.model == "tiny":
