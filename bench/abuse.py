@@ -425,6 +425,21 @@ def against_a(a: Served, cache: Path, keys: dict) -> None:
         return (f"{codes.count(403)} x 403, {codes.count(429)} x 429; {added} audit lines"),\
             codes.count(403) == 10 and codes.count(429) == 490 and added == 10
 
+    @attack("the right client and admin keys from the address just throttled", "200 each; a wrong key still 429")
+    def _():
+        codes = [http.get("/v1/bundle", headers=keys["plain"]).status_code,
+                 http.get("/admin/jobs", headers=ADMIN).status_code,
+                 http.get("/v1/bundle", headers={"Authorization": "Bearer veil_0_x"}).status_code]
+        return str(codes), codes == [200, 200, 429]
+
+    @attack("payload with scale A = 3e38 (clip 2)", "400: over the largest A the mechanism produces")
+    def _():
+        info = next(p for p in bundle["projections"] if p["id"] == bundle["defaults"]["projection_id"])
+        params = MechanismParams(bits=4, dim=info["dim"], clip=info["clip"], scale=3e38)
+        body = wire.encode(wire.Payload(params, info["id"], np.zeros((2, info["dim"]), dtype=np.uint8)))
+        r = http.post("/v1/generate", params={"max_new_tokens": 1}, content=body, headers={**keys["plain"], **BINARY})
+        return f"{r.status_code} {r.json().get('detail', '')[:100]}", r.status_code == 400
+
     @attack("what `veil serve` prints", "veil.access JSON lines; no query strings (no uvicorn access log)")
     def _():
         lines = a.log.read_text(errors="replace").splitlines()
