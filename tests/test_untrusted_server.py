@@ -19,14 +19,17 @@ from safetensors.numpy import save
 
 from app.api import create_app
 from app.keys import KeyStore, key_file
-from client_sdk import (AsyncPrivateLLMClient, BudgetLedger, BundleError, LedgerError, ProtocolError, VeilError,
-                        wire)
-from client_sdk import bundle
+from client_sdk import AsyncPrivateLLMClient, BudgetLedger, BundleError, LedgerError, ProtocolError, bundle, wire
 from client_sdk import client as client_module
 from client_sdk.bundle import sha256_hex
 from client_sdk.mechanism import MechanismParams, max_scale
 from client_sdk.spans import as_messages
-from tests.test_client import DIM, ID, POLICY, TEMPLATE, WORDS, make_client, server  # noqa: F401 (a fixture)
+from tests.test_client import DIM, ID, POLICY, TEMPLATE, WORDS, FakeServer, make_client
+
+
+@pytest.fixture
+def server() -> FakeServer:
+    return FakeServer()
 
 
 @pytest.mark.parametrize("mu", [1e-300, -1.0, 0.0])
