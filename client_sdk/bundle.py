@@ -76,51 +76,6 @@ def parse_bundle_info(content: bytes) -> BundleInfo:
                           f"{err.errors()[0]['loc']}: {err.errors()[0]['msg']}); nothing was sent") from None
 
 
-class CappedBody:
-    """A download's body, refused (BundleError) as soon as it is known to exceed `limit` bytes: from its
-    Content-Length before anything is read, else from what has arrived."""
-
-    def __init__(self, response: httpx.Response, limit: int, what: str) -> None:
-        self.response, self.limit, self.what = response, limit, what
-        self.chunks: list[bytes] = []
-        self.size = 0
-        declared = response.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > limit:
-            self._refuse(f"declares {declared} bytes")
-
-    def _refuse(self, how: str) -> None:
-        raise BundleError(f"{self.what}: the server's answer {how}, over the limit of {self.limit} bytes; refusing")
-
-    def feed(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self.limit:
-            self._refuse("runs past it")
-        self.chunks.append(chunk)
-
-    def done(self) -> httpx.Response:
-        """The response, its body read (decoded, as httpx gives it)."""
-        return httpx.Response(self.response.status_code, content=b"".join(self.chunks), request=self.response.request,
-                              headers={"content-type": self.response.headers.get("content-type", "")})
-
-
-def get_capped(http: httpx.Client, url: httpx.URL | str, limit: int, what: str) -> httpx.Response:
-    """GET `url`, reading at most `limit` bytes of its body (BundleError past it)."""
-    with http.stream("GET", url) as response:
-        body = CappedBody(response, limit, what)
-        for chunk in response.iter_bytes():
-            body.feed(chunk)
-    return body.done()
-
-
-async def aget_capped(http: httpx.AsyncClient, url: httpx.URL | str, limit: int, what: str) -> httpx.Response:
-    """Async twin of `get_capped`."""
-    async with http.stream("GET", url) as response:
-        body = CappedBody(response, limit, what)
-        async for chunk in response.aiter_bytes():
-            body.feed(chunk)
-    return body.done()
-
-
 def same_origin_url(base_url: httpx.URL, url: str, what: str) -> httpx.URL:
     """`url` resolved against the server's URL; refused unless it stays on the server's own origin
     (scheme, host and port), so the client's API key is never sent anywhere else."""

@@ -20,8 +20,9 @@ from pydantic import ValidationError
 from client_sdk import wire
 from client_sdk.accounting import PrivacyReport, privacy_report
 from client_sdk.budget import BudgetLedger, Mechanism
-from client_sdk.bundle import (DEFAULT_CACHE_DIR, MAX_BUNDLE_INFO_BYTES, ClientBundle, aget_capped, files_to_fetch,
-                               get_capped, parse_bundle_info, sha256_hex, store_verified)
+from client_sdk.bundle import (DEFAULT_CACHE_DIR, MAX_BUNDLE_INFO_BYTES, ClientBundle, files_to_fetch, parse_bundle_info,
+                               sha256_hex, store_verified)
+from client_sdk.capped import acapped, aget_capped, capped, get_capped
 from client_sdk.errors import BudgetExceededError, BundleError, ProtocolError, ServerError
 from client_sdk.mechanism import MechanismParams, secure_rng
 from client_sdk.policy import PrivacyPolicy
@@ -31,6 +32,9 @@ from client_sdk.spans import Message, Placeholders, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
 SENT = "the prompt was sent and its privacy charged"
+MAX_ANSWER_BYTES = 16 << 20
+"""A generation's answer (JSON, or the whole event stream)."""
+ANSWER = f"the answer ({SENT})"
 
 
 def default_ledger_path() -> Path:
@@ -280,7 +284,7 @@ class PrivateLLMClient:
             request = next(steps)
             while self._bundle is None:
                 try:
-                    request = steps.send(get_capped(self._http, *request))
+                    request = steps.send(get_capped(self._http, *request, BundleError))
                 except StopIteration as done:
                     self._bundle = done.value
         return self._bundle
@@ -307,24 +311,28 @@ class PrivateLLMClient:
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
         try:
-            response = self._http.send(request, stream=stream)
+            response = self._http.send(request, stream=True)
         except httpx.ConnectError:
             self._core.settle(prepared, sent=False)
             raise
         self._core.settle(prepared, sent=True)
-        if not stream:
-            self._core.check(response)
-            return self._core.result(response.content, prepared)
-        if not response.is_success:
-            response.read()
-            response.close()
-            self._core.check(response)
+        streaming = False
+        try:
+            answer = capped(response, MAX_ANSWER_BYTES, ANSWER, ProtocolError)
+            if not (stream and answer.is_success):
+                answer.read()
+                self._core.check(answer)
+                return self._core.result(answer.content, prepared)
+            streaming = True  # the stream closes the response when it ends
+        finally:
+            if not streaming:
+                response.close()
         out = GenerationStream(iter(()))
 
         def chunks() -> Iterator[str]:
             restorer = prepared.placeholders.stream_restorer()
             try:
-                for sse in EventSource(response).iter_sse():
+                for sse in EventSource(answer).iter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
                     if final is not None:
                         out.result = self._core.result(final, prepared)
@@ -394,7 +402,7 @@ class AsyncPrivateLLMClient:
             request = next(steps)
             while self._bundle is None:
                 try:
-                    request = steps.send(await aget_capped(self._http, *request))
+                    request = steps.send(await aget_capped(self._http, *request, BundleError))
                 except StopIteration as done:
                     self._bundle = done.value
         return self._bundle
@@ -421,24 +429,28 @@ class AsyncPrivateLLMClient:
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
         try:
-            response = await self._http.send(request, stream=stream)
+            response = await self._http.send(request, stream=True)
         except httpx.ConnectError:
             self._core.settle(prepared, sent=False)
             raise
         self._core.settle(prepared, sent=True)
-        if not stream:
-            self._core.check(response)
-            return self._core.result(response.content, prepared)
-        if not response.is_success:
-            await response.aread()
-            await response.aclose()
-            self._core.check(response)
+        streaming = False
+        try:
+            answer = acapped(response, MAX_ANSWER_BYTES, ANSWER, ProtocolError)
+            if not (stream and answer.is_success):
+                await answer.aread()
+                self._core.check(answer)
+                return self._core.result(answer.content, prepared)
+            streaming = True  # the stream closes the response when it ends
+        finally:
+            if not streaming:
+                await response.aclose()
         out = AsyncGenerationStream()
 
         async def chunks() -> AsyncIterator[str]:
             restorer = prepared.placeholders.stream_restorer()
             try:
-                async for sse in EventSource(response).aiter_sse():
+                async for sse in EventSource(answer).aiter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
                     if final is not None:
                         out.result = self._core.result(final, prepared)

@@ -293,3 +293,32 @@ def test_downloads_are_refused_past_their_size_limit_before_they_are_read(server
     with make_client(server, tmp_path) as client, pytest.raises(BundleError, match="over the limit of 4096 bytes"):
         client.generate("paris")
     assert len(sent) <= 1
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["Content-Length", "chunked"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "event stream"])
+def test_an_answer_past_its_size_limit_is_refused_as_it_arrives(server, tmp_path, monkeypatch, stream,
+                                                                 declared) -> None:
+    monkeypatch.setattr(client_module, "MAX_ANSWER_BYTES", 4096)
+    sent = []
+    files = server.handle
+
+    def chunks() -> Iterator[bytes]:
+        yield b"data: " if stream else b'{"text": "'
+        for _ in range(1000):  # 64 MiB of one line unless the client stops reading
+            sent.append(1)
+            yield b"x" * 65536
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/generate":
+            return files(request)
+        kind = {"Content-Type": "text/event-stream" if stream else "application/json"}
+        if declared:
+            return httpx.Response(200, headers={**kind, "Content-Length": str(64 << 20)}, stream=httpx.ByteStream(b""))
+        return httpx.Response(200, headers=kind, content=chunks())
+
+    server.handle = handle
+    with make_client(server, tmp_path) as client, pytest.raises(ProtocolError, match="over the limit of 4096 bytes"):
+        answer = client.generate("paris", stream=stream)
+        list(answer) if stream else answer
+    assert len(sent) <= 1
