@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from client_sdk import BudgetLedger, PrivateLLMClient, VeilError, wire
 from client_sdk.bundle import MAX_BUNDLE_INFO_BYTES, MAX_TABLE_BYTES, MAX_TOKENIZER_BYTES, sha256_hex
+from client_sdk.client import MAX_ANSWER_BYTES
 from client_sdk.policy import REFERENCE_CLIP, REFERENCE_DIM, REFERENCE_MU
 from client_sdk.schemas import BundleInfo, GenerateResponse, MechanismDefaults, ProjectionInfo
 from client_sdk.templates import SHIPPED
@@ -60,10 +61,12 @@ def answering(body: bytes, content_type: str) -> Route:
 
 
 def endless(declared: bool) -> Route:
-    """A body of up to 1 GiB, written until the client hangs up; with or without a Content-Length saying so."""
+    """A body of up to 1 GiB in one line, written until the client hangs up; with or without a Content-Length saying
+    so (as an event stream: the client checks the type only where it expects one)."""
     def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.rfile.read(int(handler.headers.get("Content-Length", 0)))  # a payload, on /v1/generate
         handler.send_response(200)
-        handler.send_header("Content-Type", "application/octet-stream")
+        handler.send_header("Content-Type", "text/event-stream")
         if declared:
             handler.send_header("Content-Length", str(1 << 30))
         handler.end_headers()
@@ -265,6 +268,15 @@ def against_device(attack: Callable[..., Callable]) -> None:
                             "table": fake.info.projections[0].table_url}[route]
                     fake.routes[path] = endless(declared)
                 return refused(doctor, "BundleError", memory_mib=memory)
+
+    answer_memory = MEMORY_MIB + MAX_ANSWER_BYTES / 2**20
+    for stream in (False, True):
+        @device(f"{'an event stream' if stream else 'a JSON answer'} of 1 GiB in one line, no length (its cap: "
+                f"{MAX_ANSWER_BYTES / 2**20:g} MiB)", f"ProtocolError within {LIMIT_S:g} s, memory +<{answer_memory:g} "
+                                                      f"MiB (the prompt was sent)")
+        def _(stream: bool = stream):
+            return refused(lambda f: f.routes.update({"/v1/generate": endless(declared=False)}), "ProtocolError",
+                           prompt_sent=True, stream=stream, memory_mib=answer_memory)
 
     rng = np.random.default_rng(1)
     doctored_tables = {
