@@ -495,7 +495,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8790)
     args = parser.parse_args()
     print("the device: the SDK against a fake server on 127.0.0.1")
-    against_device(attack)  # first, so that its memory bound is not measured over the servers' leftovers
+    against_device(attack)  # first: it needs no model, and fails fast if the SDK regressed
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.model == "tiny":

@@ -166,6 +166,12 @@ class FakeServer:
         self.httpd.server_close()
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory (VmHWM) over from its current size (Linux 4.0+), so that each
+    attack's growth is its own, not hidden under an earlier attack's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_rss_mib() -> float:
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
     return int(line.split()[1]) / 1024
@@ -213,6 +219,7 @@ def against_device(attack: Callable[..., Callable]) -> None:
                     result = client.generate("the capital of france is", max_new_tokens=4, stream=stream)
                     return list(result) if stream else result
 
+            reset_peak_rss()
             before = peak_rss_mib()
             outcome, seconds = within(ATTACK_TIMEOUT_S, generate)
             grown = peak_rss_mib() - before
