@@ -43,13 +43,11 @@ class Throttle:
         if not self.limiter.hit(self.requests, "requests", caller):
             self._refuse(self.requests, "requests", "requests")
 
-    def check_failures(self, address: str) -> None:
-        """429 when `address` has failed authentication too often lately: its keys are not even checked."""
-        if not self.limiter.test(self.failures, "auth-failures", address):
-            self._refuse(self.failures, "auth-failures", "failed authentications")
-
     def failed(self, address: str) -> None:
-        self.limiter.hit(self.failures, "auth-failures", address)
+        """Count a failed authentication by `address`; past the limit, 429 instead (neither counted nor audited).
+        Only failures are throttled: a valid key from the same address still gets in (see SECURITY.md)."""
+        if not self.limiter.hit(self.failures, "auth-failures", address):
+            self._refuse(self.failures, "auth-failures", "failed authentications")
 
 
 def bearer_key(authorization: str | None) -> str | None:
@@ -69,7 +67,6 @@ class ClientAccess:
         caller = address = client_address(request)
         request.state.tenant = None
         if self.settings.require_api_key:
-            self.throttle.check_failures(address)
             key = bearer_key(authorization)
             record = self.keys.verify(key) if key else None
             if record is None:

@@ -82,7 +82,7 @@ class Artifact(BaseModel):
 
 
 def admin_route_class(settings: ServerSettings, throttle: Throttle) -> type[APIRoute]:
-    """Admin routes check the caller (failure throttle, then key) before anything reads the body, then read the body
+    """Admin routes check the caller (key, then the failure throttle) before anything reads the body, then read the body
     within its size and time limits: FastAPI would otherwise parse a JSON body before any dependency runs."""
     expected = (hashlib.sha256(settings.admin_key.get_secret_value().encode()).digest()
                 if settings.admin_key else None)
@@ -90,11 +90,9 @@ def admin_route_class(settings: ServerSettings, throttle: Throttle) -> type[APIR
     def require_admin(request: Request) -> None:
         if expected is None:
             raise HTTPException(403, "the admin API is disabled: set VEIL_ADMIN_KEY to enable it")
-        address = client_address(request)
-        throttle.check_failures(address)
         key = bearer_key(request.headers.get("authorization"))
         if key is None or not hmac.compare_digest(hashlib.sha256(key.encode()).digest(), expected):
-            throttle.failed(address)
+            throttle.failed(client_address(request))
             if key is None:
                 raise HTTPException(401, "admin key required: Authorization: Bearer <key>")
             raise HTTPException(403, "wrong admin key")

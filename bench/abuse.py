@@ -1,4 +1,6 @@
-"""Red team: replay issue 15's attacks against `veil serve` on loopback and check what the server does.
+"""Red team: replay issue 15's attacks against `veil serve` on loopback and check what the server does, and issue
+24's against the SDK (bench.abuse_device: a fake server on 127.0.0.1 serving doctored bundles, templates, tables,
+event streams and redirects; rows with owner "device", in a table of their own).
 
     veil bench abuse [--model smollm2|tiny] [--port 8790]
 
@@ -34,6 +36,7 @@ import numpy as np
 from app.artifacts import SERVER_ONLY
 from app.keys import KeyStore
 from app.metrics import MU_BUCKETS
+from bench.abuse_device import against_device
 from client_sdk import wire
 from client_sdk.mechanism import MechanismParams
 
@@ -422,6 +425,21 @@ def against_a(a: Served, cache: Path, keys: dict) -> None:
         return (f"{codes.count(403)} x 403, {codes.count(429)} x 429; {added} audit lines"),\
             codes.count(403) == 10 and codes.count(429) == 490 and added == 10
 
+    @attack("the right client and admin keys from the address just throttled", "200 each; a wrong key still 429")
+    def _():
+        codes = [http.get("/v1/bundle", headers=keys["plain"]).status_code,
+                 http.get("/admin/jobs", headers=ADMIN).status_code,
+                 http.get("/v1/bundle", headers={"Authorization": "Bearer veil_0_x"}).status_code]
+        return str(codes), codes == [200, 200, 429]
+
+    @attack("payload with scale A = 3e38 (clip 2)", "400: over the largest A the mechanism produces")
+    def _():
+        info = next(p for p in bundle["projections"] if p["id"] == bundle["defaults"]["projection_id"])
+        params = MechanismParams(bits=4, dim=info["dim"], clip=info["clip"], scale=3e38)
+        body = wire.encode(wire.Payload(params, info["id"], np.zeros((2, info["dim"]), dtype=np.uint8)))
+        r = http.post("/v1/generate", params={"max_new_tokens": 1}, content=body, headers={**keys["plain"], **BINARY})
+        return f"{r.status_code} {r.json().get('detail', '')[:100]}", r.status_code == 400
+
     @attack("what `veil serve` prints", "veil.access JSON lines; no query strings (no uvicorn access log)")
     def _():
         lines = a.log.read_text(errors="replace").splitlines()
@@ -451,14 +469,23 @@ def against_b(b: Served) -> None:
 
 
 def markdown(results: dict) -> str:
-    """The results as SECURITY.md carries them: the command, the date and the pass count, then one row per attack."""
+    """The results as SECURITY.md carries them: the command, the date and the pass count, then the server's table
+    (one row per attack on `veil serve`) and the device's (one row per attack on the SDK)."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
+    def table(rows: list[dict]) -> list[str]:
+        return ["| attack | expected | observed | result |", "| --- | --- | --- | --- |"] + [
+            f"| {cell(r['attack'])} | {cell(r['expected'])} | {cell(r['observed'])} | "
+            f"{'pass' if r['pass'] else '**fail**'} |" for r in rows]
+
+    server = [r for r in results["rows"] if r["owner"] != "device"]
+    device = [r for r in results["rows"] if r["owner"] == "device"]
     lines = [f"`{results['command']}` on {results['date']}: {results['passed']} of {len(results['rows'])} rows pass.",
-             "", "| attack | expected | observed | result |", "| --- | --- | --- | --- |"]
-    lines += [f"| {cell(r['attack'])} | {cell(r['expected'])} | {cell(r['observed'])} | "
-              f"{'pass' if r['pass'] else '**fail**'} |" for r in results["rows"]]
+             "", f"The server ({sum(r['pass'] for r in server)} of {len(server)}):", "", *table(server)]
+    if device:
+        lines += ["", f"The device: the SDK against a fake server ({sum(r['pass'] for r in device)} of {len(device)}):",
+                  "", *table(device)]
     return "\n".join(lines) + "\n"
 
 
@@ -467,6 +494,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="'tiny' (a random 2-layer Llama) or a model spec")
     parser.add_argument("--port", type=int, default=8790)
     args = parser.parse_args()
+    print("the device: the SDK against a fake server on 127.0.0.1")
+    against_device(attack)  # first: it needs no model, and fails fast if the SDK regressed
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.model == "tiny":

@@ -13,8 +13,8 @@ from client_sdk.accounting import PrivacyReport, privacy_report
 from client_sdk.budget import BudgetLedger, PendingCharge
 from client_sdk.client import (AsyncGenerationStream, AsyncPrivateLLMClient, GenerationResult, GenerationStream,
                                PrivateLLMClient, default_ledger_path)
-from client_sdk.errors import (BudgetExceededError, BundleError, LedgerError, PolicyError, ServerError, VeilError,
-                               WireFormatError)
+from client_sdk.errors import (BudgetExceededError, BundleError, LedgerError, MechanismError, PolicyError,
+                               ProtocolError, ServerError, VeilError, WireFormatError)
 from client_sdk.mechanism import MechanismParams
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.spans import Message, Part, markup
@@ -28,6 +28,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStream",
     "LedgerError",
+    "MechanismError",
     "MechanismParams",
     "Message",
     "Part",
@@ -36,6 +37,7 @@ __all__ = [
     "PrivacyPolicy",
     "PrivacyReport",
     "PrivateLLMClient",
+    "ProtocolError",
     "ServerError",
     "VeilError",
     "WireFormatError",

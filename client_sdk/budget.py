@@ -11,6 +11,14 @@ random id, which the SQLite file also holds. A ledger whose file vanished, was e
 corrupt while its limits file says it existed raises `LedgerError`; it never comes back empty and
 unlimited. To start over on purpose, the app calls `BudgetLedger.discard(path)`.
 
+Rollback. Both files also hold a generation counter. Every change to the charges advances it in the
+SQLite file, in the same durable commit as the change, then in the limits file (atomically replaced),
+both under the ledger's file lock. So the SQLite file is never behind the limits file, and the limits
+file is at most one behind (a crash between the two writes; the next transaction repairs it). An older
+copy of the SQLite file (a device backup restored, on purpose or not) is behind and raises `LedgerError`;
+so does a limits file more than one generation behind. Both files restored together from one backup
+cannot be told from the real thing on the device.
+
 Pending charges. A send that crashed (or whose outcome is unknown) stays `pending` and counted.
 `pending(key)` lists them; `settle(charge_id, sent=...)` resolves one: `sent=True` makes it final,
 `sent=False` drops it (only if the app knows the payload never left the device).
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from client_sdk.accounting import DEFAULT_DELTA
 from client_sdk.accounting import composition
@@ -37,7 +45,8 @@ from client_sdk.errors import BudgetExceededError, LedgerError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
-    ledger_id TEXT NOT NULL
+    ledger_id TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS charges (
     charge_id TEXT PRIMARY KEY,
@@ -106,10 +115,14 @@ class BudgetLedger:
     def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
         self.path = Path(path).expanduser()
         self.limits_path = self.path.with_name(self.path.name + ".limits.json")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger's folder {self.path.parent} ({exc.strerror}); "
+                              f"nothing was sent") from exc
         self._timeout = timeout
         self._lock = FileLock(str(self.path.with_name(self.path.name + ".lock")), timeout=timeout)
-        with self._lock:
+        with self._locked():
             self.ledger_id = self._open()
 
     @staticmethod
@@ -119,12 +132,29 @@ class BudgetLedger:
         for suffix in ("", "-wal", "-shm", ".limits.json"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The ledger's file lock (one writer of the limits file at a time), its failures as LedgerError."""
+        try:
+            self._lock.acquire()
+        except Timeout as exc:
+            raise LedgerError(f"another process has held the ledger's lock {self._lock.lock_file} for over "
+                              f"{self._timeout:g} s; nothing was sent") from exc
+        except OSError as exc:
+            raise LedgerError(f"cannot take the ledger's lock {self._lock.lock_file} ({exc.strerror}): the folder "
+                              f"{self.path.parent} must be writable; nothing was sent") from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     # -- opening and failing closed ---------------------------------------------------------------
 
     def _read_config(self) -> dict | None:
         try:
             config = json.loads(self.limits_path.read_text())
-            if not isinstance(config.get("ledger_id"), str) or not isinstance(config.get("keys"), dict):
+            if (not isinstance(config.get("ledger_id"), str) or not isinstance(config.get("keys"), dict)
+                    or not isinstance(config.get("generation", 0), int)):
                 raise ValueError("missing fields")
             return config
         except FileNotFoundError:
@@ -134,12 +164,16 @@ class BudgetLedger:
                               f"send. Restore it, or BudgetLedger.discard() the ledger on purpose") from exc
 
     def _write_config(self, config: dict) -> None:
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(config, tmp, indent=2, sort_keys=True)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, self.limits_path)
-        fsync_directory(self.path.parent)
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
+                json.dump(config, tmp, indent=2, sort_keys=True)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp.name, self.limits_path)
+            fsync_directory(self.path.parent)
+        except OSError as exc:
+            raise LedgerError(f"cannot write the ledger's limits file {self.limits_path} ({exc.strerror}); "
+                              f"nothing was sent") from exc
 
     def _open(self) -> str:
         config = self._read_config()
@@ -159,14 +193,16 @@ class BudgetLedger:
             for name, kind in _MECHANISM_COLUMNS:  # ledgers written before composition: basic composition
                 if name not in columns:
                     db.execute(f"ALTER TABLE charges ADD COLUMN {name} {kind}")
-            row = db.execute("SELECT ledger_id FROM meta").fetchone()
+            if "generation" not in {row[1] for row in db.execute("PRAGMA table_info(meta)")}:
+                db.execute("ALTER TABLE meta ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
+            row = db.execute("SELECT ledger_id, generation FROM meta").fetchone()
             legacy = self._legacy_limits(db)
             if row is None:
                 if exists and config is None and legacy is None and db.execute("SELECT 1 FROM charges").fetchone():
                     db.execute("ROLLBACK")
                     raise LedgerError(f"the ledger {self.path} has no id and no limits file; refusing to guess")
                 ledger_id = config["ledger_id"] if config and not exists else uuid.uuid4().hex
-                db.execute("INSERT INTO meta VALUES (?)", (ledger_id,))
+                db.execute("INSERT INTO meta (ledger_id) VALUES (?)", (ledger_id,))
             else:
                 ledger_id = row[0]
             if config is None:
@@ -175,13 +211,34 @@ class BudgetLedger:
                     raise LedgerError(f"the limits file {self.limits_path} of ledger {self.path} is missing; "
                                       f"refusing to send without its limits. Restore it, or "
                                       f"BudgetLedger.discard() the ledger on purpose")
-                self._write_config({"ledger_id": ledger_id, "keys": legacy or {}})
+                self._write_config({"ledger_id": ledger_id, "keys": legacy or {}, "generation": row[1] if row else 0})
             elif config["ledger_id"] != ledger_id:
                 db.execute("ROLLBACK")
                 raise LedgerError(f"the ledger {self.path} (id {ledger_id}) is not the one its limits file "
                                   f"describes (id {config['ledger_id']}): it was replaced; refusing to send")
+            else:
+                try:
+                    self._check_generation(config, row[1] if row else 0)
+                except LedgerError:
+                    db.execute("ROLLBACK")
+                    raise
             db.execute("COMMIT")
         return ledger_id
+
+    def _check_generation(self, config: dict, generation: int) -> None:
+        """Compare the SQLite file's generation with the limits file's (see the module docstring); a limits file one
+        behind (a crash between the two writes) is brought up to date."""
+        recorded = config.get("generation", 0)
+        if generation < recorded:
+            raise LedgerError(f"the ledger {self.path} is at generation {generation} but its limits file says "
+                              f"{recorded}: an older copy of the ledger was restored, and the charges made since are "
+                              f"missing from it; refusing to send. Restore the newest copy, or "
+                              f"BudgetLedger.discard() the ledger on purpose")
+        if generation > recorded + 1:
+            raise LedgerError(f"the limits file {self.limits_path} is at generation {recorded} but the ledger is at "
+                              f"{generation}: an older copy of the limits file was restored; refusing to send")
+        if generation == recorded + 1:
+            self._write_config({**config, "generation": generation})
 
     @staticmethod
     def _legacy_limits(db: sqlite3.Connection) -> dict | None:
@@ -213,17 +270,29 @@ class BudgetLedger:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
+        """An IMMEDIATE transaction under the ledger's lock, after checking the ledger's id and generation; one that
+        changed anything advances the generation, in the same commit and then in the limits file."""
+        with self._locked(), self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute("SELECT ledger_id FROM meta").fetchone()
+                row = db.execute("SELECT ledger_id, generation FROM meta").fetchone()
                 if row is None or row[0] != self.ledger_id:
                     raise LedgerError(f"the ledger {self.path} was replaced while in use; refusing to send")
+                config = self._read_config()
+                if config is None or config["ledger_id"] != self.ledger_id:
+                    raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+                self._check_generation(config, row[1])
+                before = db.total_changes
                 yield db
+                changed = db.total_changes != before
+                if changed:
+                    db.execute("UPDATE meta SET generation = ?", (row[1] + 1,))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            if changed:
+                self._write_config({**config, "generation": row[1] + 1})
 
     # -- limits -------------------------------------------------------------------------------------
 
@@ -234,7 +303,7 @@ class BudgetLedger:
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
         wanted = {"per_prompt_epsilon": per_prompt_epsilon, "total_epsilon": total_epsilon, "delta": delta}
-        with self._lock:
+        with self._locked():
             config = self._read_config()
             if config is None or config["ledger_id"] != self.ledger_id:
                 raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")

@@ -8,10 +8,13 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import httpx
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.numpy import load, load_file
 from tokenizers import Tokenizer
 
@@ -20,8 +23,15 @@ from client_sdk.mechanism import MechanismParams
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.schemas import BundleInfo, ProjectionInfo
 from client_sdk.spans import Message, Placeholders, TokenSpan, as_messages, token_spans
+from client_sdk.templates import SHIPPED, known_templates, template_sha256
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("VEIL_CACHE_DIR", Path.home() / ".cache" / "veil"))
+MAX_BUNDLE_INFO_BYTES = 1 << 20
+"""GET /v1/bundle's JSON (with the chat template inline)."""
+MAX_TOKENIZER_BYTES = 32 << 20
+"""tokenizer.json (SmolLM2's is 2 MiB, Llama 3's 9 MiB)."""
+MAX_TABLE_BYTES = 128 << 20
+"""A projected table (SmolLM2's at k = 72, float16: 7 MiB)."""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -31,14 +41,19 @@ def sha256_hex(data: bytes) -> str:
 def load_projected_table(source: str | Path | bytes) -> np.ndarray:
     """Read a projected table (safetensors file or bytes): float `table`, or int8 `table` times per-column `scale`."""
     path = "table bytes" if isinstance(source, bytes) else source
-    tensors = load(source) if isinstance(source, bytes) else load_file(str(source))
-    if "table" not in tensors:
-        raise BundleError(f"{path}: no tensor named 'table'")
-    table = tensors["table"].astype(np.float32)
-    if "scale" in tensors:
-        table *= tensors["scale"].astype(np.float32)
+    try:
+        tensors = load(source) if isinstance(source, bytes) else load_file(str(source))
+        table = tensors["table"].astype(np.float32)
+        if "scale" in tensors:
+            table *= tensors["scale"].astype(np.float32)
+    except KeyError:
+        raise BundleError(f"{path}: no tensor named 'table'") from None
+    except (SafetensorError, ValueError, TypeError) as err:
+        raise BundleError(f"{path}: not a projected table in safetensors ({err})") from None
     if table.ndim != 2:
         raise BundleError(f"{path}: table must be 2-D (vocab x k), got shape {table.shape}")
+    if not np.isfinite(table).all():
+        raise BundleError(f"{path}: the table holds values that are not finite")
     return table
 
 
@@ -50,6 +65,15 @@ def check_sha256(value: str, what: str) -> str:
     if not HEX_SHA256.fullmatch(value):
         raise BundleError(f"{what}: {value!r} is not a SHA-256 in hex")
     return value
+
+
+def parse_bundle_info(content: bytes) -> BundleInfo:
+    """GET /v1/bundle's body, validated; anything else than the API's JSON is a BundleError."""
+    try:
+        return BundleInfo.model_validate_json(content)
+    except ValidationError as err:
+        raise BundleError(f"the server's bundle is not the API's JSON ({err.error_count()} problems, first: "
+                          f"{err.errors()[0]['loc']}: {err.errors()[0]['msg']}); nothing was sent") from None
 
 
 def same_origin_url(base_url: httpx.URL, url: str, what: str) -> httpx.URL:
@@ -89,13 +113,16 @@ def cached_verified(cache_dir: Path, sha256: str) -> bytes | None:
     return content
 
 
-def files_to_fetch(info: BundleInfo, base_url: httpx.URL, cache_dir: Path) -> list[tuple[httpx.URL, str, str]]:
-    """(url, sha256, description) of the bundle files not yet in the cache (or no longer matching their hash).
+def files_to_fetch(info: BundleInfo, base_url: httpx.URL,
+                   cache_dir: Path) -> list[tuple[httpx.URL, str, str, int]]:
+    """(url, sha256, description, size limit) of the bundle files not yet in the cache (or no longer matching
+    their hash).
 
     Every hash and URL is checked first: hashes are hex, URLs stay on the server's origin."""
-    wanted = [(info.tokenizer_url, info.tokenizer_sha256, "tokenizer.json")]
-    wanted += [(p.table_url, p.table_sha256, f"projected table {p.id}") for p in info.projections]
-    checked = [(same_origin_url(base_url, url, what), check_sha256(sha, what), what) for url, sha, what in wanted]
+    wanted = [(info.tokenizer_url, info.tokenizer_sha256, "tokenizer.json", MAX_TOKENIZER_BYTES)]
+    wanted += [(p.table_url, p.table_sha256, f"projected table {p.id}", MAX_TABLE_BYTES) for p in info.projections]
+    checked = [(same_origin_url(base_url, url, what), check_sha256(sha, what), what, limit)
+               for url, sha, what, limit in wanted]
     return [w for w in checked if cached_verified(cache_dir, w[1]) is None]
 
 
@@ -116,8 +143,9 @@ class ClientBundle:
     _template: object = field(default=None, repr=False)
 
     @classmethod
-    def from_cache(cls, info: BundleInfo, cache_dir: Path) -> "ClientBundle":
-        """Load a bundle whose files are all in `cache_dir` (see `files_to_fetch`)."""
+    def from_cache(cls, info: BundleInfo, cache_dir: Path, chat_templates: Iterable[str] = ()) -> "ClientBundle":
+        """Load a bundle whose files are all in `cache_dir` (see `files_to_fetch`). The bundle's chat template is
+        rendered only if it is one the SDK ships or one of the app's `chat_templates` (see client_sdk.templates)."""
         tables = {}
         for p in info.projections:
             if p.id != p.table_sha256[:16]:
@@ -126,11 +154,17 @@ class ClientBundle:
             if tables[p.id].shape != (info.vocab_size, p.dim):
                 raise BundleError(f"projected table {p.id} has shape {tables[p.id].shape}, "
                                   f"expected ({info.vocab_size}, {p.dim})")
-        tokenizer = Tokenizer.from_str(_verified(cache_dir, info.tokenizer_sha256).decode())
+        try:
+            tokenizer = Tokenizer.from_str(_verified(cache_dir, info.tokenizer_sha256).decode())
+        except Exception as err:  # the tokenizers library raises plain Exception on a malformed file
+            raise BundleError(f"tokenizer.json is not a tokenizer ({str(err)[:200]})") from None
+        if tokenizer.get_vocab_size(with_added_tokens=True) > info.vocab_size:
+            raise BundleError(f"the tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, more "
+                              f"than the bundle's vocabulary of {info.vocab_size}")
         template = None
-        if info.chat_template:
+        if info.chat_template and (text := known_templates(chat_templates).get(template_sha256(info.chat_template))):
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            template = env.from_string(info.chat_template)
+            template = env.from_string(text)
         return cls(info=info, tokenizer=tokenizer, tables=tables, _template=template)
 
     def projection(self, projection_id: str | None = None) -> ProjectionInfo:
@@ -151,6 +185,11 @@ class ClientBundle:
               placeholders: Placeholders | None = None) -> list[TokenSpan]:
         """The prompt's public and private token spans, after the chat template when the bundle has one and
         `chat` is on (see client_sdk.spans)."""
+        if chat and self.info.chat_template and self._template is None:
+            raise BundleError(f"the server's chat template (SHA-256 {template_sha256(self.info.chat_template)}) is "
+                              f"not one this SDK renders (it ships those of {', '.join(SHIPPED)}); nothing was sent. "
+                              f"Pass chat=False, or the template's text as chat_templates=[...] once you have "
+                              f"vetted it")
         spans = token_spans(self.tokenizer, messages, template=self._template if chat else None,
                             bos=self.info.bos_token or "", eos=self.info.eos_token or "", placeholders=placeholders)
         total = sum(len(s.ids) for s in spans)

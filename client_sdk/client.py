@@ -14,20 +14,27 @@ from typing import AsyncIterator, Generator, Iterator, Literal, Mapping, Sequenc
 
 import httpx
 import platformdirs
-from httpx_sse import EventSource
+from httpx_sse import EventSource, SSEError
+from pydantic import ValidationError
 
 from client_sdk import wire
 from client_sdk.accounting import PrivacyReport, privacy_report
 from client_sdk.budget import BudgetLedger, Mechanism
-from client_sdk.bundle import DEFAULT_CACHE_DIR, ClientBundle, files_to_fetch, sha256_hex, store_verified
-from client_sdk.errors import BudgetExceededError, BundleError, ServerError
+from client_sdk.bundle import (DEFAULT_CACHE_DIR, MAX_BUNDLE_INFO_BYTES, ClientBundle, files_to_fetch, parse_bundle_info,
+                               sha256_hex, store_verified)
+from client_sdk.capped import acapped, aget_capped, capped, get_capped
+from client_sdk.errors import BudgetExceededError, BundleError, ProtocolError, ServerError
 from client_sdk.mechanism import MechanismParams, secure_rng
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.privatize import privatize_spans
-from client_sdk.schemas import BundleInfo, GenerateResponse
+from client_sdk.schemas import GenerateResponse
 from client_sdk.spans import Message, Placeholders, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
+SENT = "the prompt was sent and its privacy charged"
+MAX_ANSWER_BYTES = 16 << 20
+"""A generation's answer (JSON, or the whole event stream)."""
+ANSWER = f"the answer ({SENT})"
 
 
 def default_ledger_path() -> Path:
@@ -74,7 +81,9 @@ class _ClientCore:
         budget_key: str,
         cache_dir: str | Path | None,
         seed: int | None,
+        chat_templates: Sequence[str],
     ) -> None:
+        self.chat_templates = tuple(chat_templates)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.policy = policy or PrivacyPolicy.default()
         self.mu, self.bits, self.projection_id = mu, bits, projection_id
@@ -89,19 +98,21 @@ class _ClientCore:
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR / "files"
         self._rng = secure_rng(seed) if seed is not None else None  # None: fresh OS seed per call
 
-    def fetch_bundle(self, base_url: httpx.URL) -> Generator[httpx.URL | str, httpx.Response, ClientBundle]:
-        """Sans-I/O: yields each URL to GET, is sent its response, returns the verified bundle."""
-        response = yield "/v1/bundle"
+    def fetch_bundle(self, base_url: httpx.URL) -> Generator[tuple[httpx.URL | str, int, str], httpx.Response,
+                                                              ClientBundle]:
+        """Sans-I/O: yields each (URL, size limit, description) to GET, is sent its response (the body read up to
+        the limit), returns the verified bundle."""
+        response = yield "/v1/bundle", MAX_BUNDLE_INFO_BYTES, "the bundle"
         self.check(response)
-        info = BundleInfo.model_validate(response.json())
+        info = parse_bundle_info(response.content)
         if info.wire_version < wire.VERSION:
             raise BundleError(f"the server speaks wire version {info.wire_version}; this client needs "
                               f"{wire.VERSION} (public and private spans): upgrade the server")
-        for url, sha, what in files_to_fetch(info, base_url, self.cache_dir):
-            response = yield url
+        for url, sha, what, limit in files_to_fetch(info, base_url, self.cache_dir):
+            response = yield url, limit, what
             self.check(response)
             store_verified(self.cache_dir, response.content, sha, what)
-        return ClientBundle.from_cache(info, self.cache_dir)
+        return ClientBundle.from_cache(info, self.cache_dir, self.chat_templates)
 
     def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool) -> PreparedPrompt:
         params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
@@ -157,20 +168,37 @@ class _ClientCore:
         raise ServerError(response.status_code, str(detail))
 
     @staticmethod
-    def result(body: dict, prepared: PreparedPrompt) -> GenerationResult:
-        answer = GenerateResponse.model_validate(body)
+    def result(body: str | bytes, prepared: PreparedPrompt) -> GenerationResult:
+        """The answer in a JSON `body` (a response's, or a stream's final event), placeholders restored."""
+        try:
+            answer = GenerateResponse.model_validate_json(body)
+        except ValidationError as err:
+            raise ProtocolError(f"the server's answer is not a valid generation ({err.error_count()} problems, first: "
+                                f"{err.errors()[0]['msg']}); {SENT}") from None
         answer.text = prepared.placeholders.restore(answer.text)
         return GenerationResult(**answer.model_dump(), privacy=prepared.report, bytes_sent=len(prepared.payload))
 
     @staticmethod
-    def stream_event(event: str, data: str) -> tuple[str | None, dict | None]:
-        """(text chunk, final body) of one SSE event; raises ServerError on an error event."""
-        body = json.loads(data)
+    def stream_event(event: str, data: str) -> tuple[str | None, str | None]:
+        """(text chunk, final body) of one SSE event; raises ServerError on an error event, ProtocolError on one
+        that is not the API's."""
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("text", ""), str):
+            raise ProtocolError(f"the server's event stream sent {event!r} data that is not the API's JSON object: "
+                                f"{data[:80]!r}; {SENT}")
         if event == "error":
-            raise ServerError(200, body.get("detail", data))
+            raise ServerError(200, str(body.get("detail", data)))
         if event == "done":
-            return None, body
+            return None, data
         return body.get("text", ""), None
+
+    @staticmethod
+    def stream_ended(stream: "GenerationStream | AsyncGenerationStream") -> None:
+        if stream.result is None:
+            raise ProtocolError(f"the server's event stream ended without its final event; {SENT}")
 
 
 class GenerationStream:
@@ -206,6 +234,8 @@ _COMMON_DOC = """
     ledger: a BudgetLedger or a path; None (default) is the persistent ledger in the user's data directory
         (`default_ledger_path()`); False turns the ledger off. The policy's caps are its limits for budget_key.
     seed: only for tests; by default every call draws a fresh seed from the OS's secure source.
+    chat_templates: chat templates the app has vetted, rendered when the server's bundle names one of them (by
+        SHA-256) besides those the SDK ships (client_sdk.templates); the server's own text is never rendered.
     A prompt is a string (one user message, private throughout) or a list of messages
     ({"role", "content", "public"?} dicts or Message), whose content may be parts (client_sdk.spans).
 """
@@ -228,12 +258,13 @@ class PrivateLLMClient:
         budget_key: str = "default",
         cache_dir: str | Path | None = None,
         seed: int | None = None,
+        chat_templates: Sequence[str] = (),
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._core = _ClientCore(api_key=api_key, policy=policy, mu=mu, bits=bits, projection_id=projection_id,
                                  allow_looser_bundle=allow_looser_bundle, ledger=ledger, budget_key=budget_key,
-                                 cache_dir=cache_dir, seed=seed)
+                                 cache_dir=cache_dir, seed=seed, chat_templates=chat_templates)
         self._http = httpx.Client(base_url=base_url, headers=self._core.headers, timeout=timeout, transport=transport)
         self._bundle: ClientBundle | None = None
 
@@ -250,10 +281,10 @@ class PrivateLLMClient:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
             steps = self._core.fetch_bundle(self._http.base_url)
-            url = next(steps)
+            request = next(steps)
             while self._bundle is None:
                 try:
-                    url = steps.send(self._http.get(url))
+                    request = steps.send(get_capped(self._http, *request, BundleError))
                 except StopIteration as done:
                     self._bundle = done.value
         return self._bundle
@@ -280,31 +311,38 @@ class PrivateLLMClient:
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
         try:
-            response = self._http.send(request, stream=stream)
+            response = self._http.send(request, stream=True)
         except httpx.ConnectError:
             self._core.settle(prepared, sent=False)
             raise
         self._core.settle(prepared, sent=True)
-        if not stream:
-            self._core.check(response)
-            return self._core.result(response.json(), prepared)
-        if not response.is_success:
-            response.read()
-            response.close()
-            self._core.check(response)
+        streaming = False
+        try:
+            answer = capped(response, MAX_ANSWER_BYTES, ANSWER, ProtocolError)
+            if not (stream and answer.is_success):
+                answer.read()
+                self._core.check(answer)
+                return self._core.result(answer.content, prepared)
+            streaming = True  # the stream closes the response when it ends
+        finally:
+            if not streaming:
+                response.close()
         out = GenerationStream(iter(()))
 
         def chunks() -> Iterator[str]:
             restorer = prepared.placeholders.stream_restorer()
             try:
-                for sse in EventSource(response).iter_sse():
+                for sse in EventSource(answer).iter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
                     if final is not None:
                         out.result = self._core.result(final, prepared)
                     elif text and (restored := restorer.feed(text)):
                         yield restored
+                self._core.stream_ended(out)
                 if tail := restorer.flush():
                     yield tail
+            except SSEError as err:
+                raise ProtocolError(f"the server's answer is not an event stream ({err}); {SENT}") from None
             finally:
                 response.close()
 
@@ -338,12 +376,13 @@ class AsyncPrivateLLMClient:
         budget_key: str = "default",
         cache_dir: str | Path | None = None,
         seed: int | None = None,
+        chat_templates: Sequence[str] = (),
         timeout: float = 120.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._core = _ClientCore(api_key=api_key, policy=policy, mu=mu, bits=bits, projection_id=projection_id,
                                  allow_looser_bundle=allow_looser_bundle, ledger=ledger, budget_key=budget_key,
-                                 cache_dir=cache_dir, seed=seed)
+                                 cache_dir=cache_dir, seed=seed, chat_templates=chat_templates)
         self._http = httpx.AsyncClient(base_url=base_url, headers=self._core.headers, timeout=timeout,
                                        transport=transport)
         self._bundle: ClientBundle | None = None
@@ -360,10 +399,10 @@ class AsyncPrivateLLMClient:
         """The server's bundle, fetched on first use; files are cached by hash and verified."""
         if self._bundle is None:
             steps = self._core.fetch_bundle(self._http.base_url)
-            url = next(steps)
+            request = next(steps)
             while self._bundle is None:
                 try:
-                    url = steps.send(await self._http.get(url))
+                    request = steps.send(await aget_capped(self._http, *request, BundleError))
                 except StopIteration as done:
                     self._bundle = done.value
         return self._bundle
@@ -390,31 +429,38 @@ class AsyncPrivateLLMClient:
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
         try:
-            response = await self._http.send(request, stream=stream)
+            response = await self._http.send(request, stream=True)
         except httpx.ConnectError:
             self._core.settle(prepared, sent=False)
             raise
         self._core.settle(prepared, sent=True)
-        if not stream:
-            self._core.check(response)
-            return self._core.result(response.json(), prepared)
-        if not response.is_success:
-            await response.aread()
-            await response.aclose()
-            self._core.check(response)
+        streaming = False
+        try:
+            answer = acapped(response, MAX_ANSWER_BYTES, ANSWER, ProtocolError)
+            if not (stream and answer.is_success):
+                await answer.aread()
+                self._core.check(answer)
+                return self._core.result(answer.content, prepared)
+            streaming = True  # the stream closes the response when it ends
+        finally:
+            if not streaming:
+                await response.aclose()
         out = AsyncGenerationStream()
 
         async def chunks() -> AsyncIterator[str]:
             restorer = prepared.placeholders.stream_restorer()
             try:
-                async for sse in EventSource(response).aiter_sse():
+                async for sse in EventSource(answer).aiter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
                     if final is not None:
                         out.result = self._core.result(final, prepared)
                     elif text and (restored := restorer.feed(text)):
                         yield restored
+                self._core.stream_ended(out)
                 if tail := restorer.flush():
                     yield tail
+            except SSEError as err:
+                raise ProtocolError(f"the server's answer is not an event stream ({err}); {SENT}") from None
             finally:
                 await response.aclose()
 

@@ -9,6 +9,14 @@ class WireFormatError(VeilError, ValueError):
     """A payload is malformed: bad magic or version, bad sizes, or settings that do not match."""
 
 
+class MechanismError(VeilError, ValueError):
+    """Mechanism settings that cannot be used: a mu below the calibrated range, a scale A that float32 cannot carry."""
+
+
+class ProtocolError(VeilError):
+    """The server's answer is not what the API defines (malformed JSON, a broken event stream, missing fields)."""
+
+
 class BudgetExceededError(VeilError):
     """Sending would spend more privacy than the ledger allows; nothing was sent."""
 

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client_sdk.errors import MechanismError
+
 MAX_BITS = 8
+MIN_MU = 1e-3
+"""The smallest per-token mu the SDK calibrates; the noise below it drowns any signal, and it bounds the scale A a
+payload may carry (`max_scale`)."""
 
 
 def _float32_ceil(x: float) -> float:
@@ -26,10 +31,15 @@ def _float32_ceil(x: float) -> float:
 
 def calibrate_scale(mu: float, bits: int, dim: int, clip: float) -> float:
     """The DEL paper's CLT calibration: A = c * sqrt(4*u*k / mu**2 + 1) for a per-token mu."""
-    if not (mu > 0 and math.isfinite(mu)):
-        raise ValueError(f"mu must be a positive finite number, got {mu}")
+    if not (mu >= MIN_MU and math.isfinite(mu)):
+        raise MechanismError(f"mu must be a finite number of at least {MIN_MU:g}, got {mu}")
     levels = 2**bits - 1
     return clip * math.sqrt(4.0 * levels * dim / mu**2 + 1.0)
+
+
+def max_scale(bits: int, dim: int, clip: float) -> float:
+    """The largest A the SDK produces for n bits, k dims and clip c (float32 as on the wire): A at mu = MIN_MU."""
+    return _float32_ceil(calibrate_scale(MIN_MU, bits, dim, float(np.float32(clip))))
 
 
 @dataclass(frozen=True)
@@ -46,13 +56,13 @@ class MechanismParams:
         object.__setattr__(self, "clip", float(np.float32(self.clip)))
         object.__setattr__(self, "scale", _float32_ceil(self.scale))
         if not (isinstance(self.bits, int) and 1 <= self.bits <= MAX_BITS):
-            raise ValueError(f"bits must be an integer in 1..{MAX_BITS}, got {self.bits!r}")
+            raise MechanismError(f"bits must be an integer in 1..{MAX_BITS}, got {self.bits!r}")
         if not (isinstance(self.dim, int) and self.dim >= 1):
-            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
+            raise MechanismError(f"dim must be a positive integer, got {self.dim!r}")
         if not (self.clip > 0 and math.isfinite(self.clip)):
-            raise ValueError(f"clip must be positive and finite, got {self.clip}")
+            raise MechanismError(f"clip must be positive and finite, got {self.clip}")
         if not (math.isfinite(self.scale) and self.scale > self.clip):
-            raise ValueError(f"scale A must be finite and greater than clip c={self.clip}, got {self.scale}")
+            raise MechanismError(f"scale A must be finite and greater than clip c={self.clip}, got {self.scale}")
 
     @classmethod
     def from_mu(cls, mu: float, *, bits: int, dim: int, clip: float) -> "MechanismParams":

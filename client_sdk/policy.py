@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from client_sdk.accounting import DEFAULT_DELTA
 from client_sdk.accounting import binomial
-from client_sdk.errors import PolicyError
+from client_sdk.errors import BundleError, MechanismError, PolicyError
 from client_sdk.mechanism import MAX_BITS, MechanismParams
 
 # The default operating point, from measurement (docs/BENCHMARKS.md, "The default operating point"): at n = 4,
@@ -113,7 +113,11 @@ class PrivacyPolicy:
                 raise PolicyError(f"the server suggests n={n} bits, which the policy does not allow "
                                   f"({self.allowed_bits}); pass bits= or allow_looser_bundle=True")
             n = max(self.allowed_bits)
-        suggestion = MechanismParams.from_mu(suggested_mu, bits=n, dim=dim, clip=clip)
+        try:
+            suggestion = MechanismParams.from_mu(suggested_mu, bits=n, dim=dim, clip=clip)
+        except MechanismError as err:
+            raise BundleError(f"the server suggests mu={suggested_mu:g}, which the mechanism cannot use ({err}); "
+                              f"nothing was sent") from err
         if self.permits(suggestion):
             return suggestion
         if not allow_looser_suggestion:

@@ -35,7 +35,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from client_sdk.errors import WireFormatError
-from client_sdk.mechanism import MAX_BITS, MechanismParams
+from client_sdk.mechanism import MAX_BITS, MIN_MU, MechanismParams, max_scale
 
 MAGIC = b"VEIL"
 VERSION = 2
@@ -179,6 +179,9 @@ def _check_settings(bits: int, flags: int, dim: int, clip: float, scale: float, 
         raise WireFormatError(f"dim k={dim} does not match the projection's k={expected}")
     if not (math.isfinite(clip) and math.isfinite(scale) and 0 < clip < scale):
         raise WireFormatError(f"invalid mechanism settings: clip c={clip}, scale A={scale} (need 0 < c < A)")
+    if scale > (bound := max_scale(bits, dim, clip)):
+        raise WireFormatError(f"scale A={scale:g} is over {bound:g}, the largest the mechanism produces for n={bits}, "
+                              f"k={dim}, c={clip:g} (at mu={MIN_MU:g})")
     return MechanismParams(bits=bits, dim=dim, clip=clip, scale=scale)
 
 

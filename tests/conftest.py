@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from app.model_runner import ModelRunner
 from client_sdk.policy import PrivacyPolicy
+from client_sdk.templates import SHIPPED
 
 PERMISSIVE = PrivacyPolicy(epsilon_per_token=1e9)
 """A policy that allows any mu, for tests of the server's behaviour at loose settings."""
@@ -85,6 +86,12 @@ def settings(tmp_path: Path):
     return ServerSettings(cache_dir=tmp_path / "cache", soft_prompt_dir=tmp_path / "soft_prompts",
                           projection_dir=tmp_path / "projections", data_dir=tmp_path / "data",
                           projection_dim=8, clip=2.0, default_mu=4.0, max_prompt_tokens=64, max_new_tokens=32)
+
+
+@pytest.fixture(autouse=True)
+def tiny_template_is_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny model's chat template is rendered as a shipped one would be (client_sdk.templates)."""
+    monkeypatch.setitem(SHIPPED, "tiny test model", CHAT_TEMPLATE)
 
 
 @pytest.fixture(autouse=True)
