@@ -7,6 +7,7 @@ ledger before any byte leaves, and reading the server's answers (restoring place
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +84,17 @@ class _ClientCore:
             ledger = default_ledger_path()
         self.ledger = BudgetLedger(ledger) if isinstance(ledger, (str, Path)) else (ledger or None)
         self.budget_key = budget_key
-        if self.ledger is not None:
-            self.ledger.set_limits(budget_key, per_prompt_epsilon=self.policy.epsilon_per_prompt,
-                                   total_epsilon=self.policy.epsilon_total, delta=self.policy.delta)
+        self._limited_keys: set[str] = set()
+        self.limit(budget_key)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR / "files"
         self._rng = secure_rng(seed) if seed is not None else None  # None: fresh OS seed per call
+
+    def limit(self, budget_key: str) -> None:
+        """Make the policy's caps the ledger's limits for `budget_key` (once per key and client)."""
+        if self.ledger is not None and budget_key not in self._limited_keys:
+            self.ledger.set_limits(budget_key, per_prompt_epsilon=self.policy.epsilon_per_prompt,
+                                   total_epsilon=self.policy.epsilon_total, delta=self.policy.delta)
+            self._limited_keys.add(budget_key)
 
     def fetch_bundle(self, base_url: httpx.URL) -> Generator[httpx.URL | str, httpx.Response, ClientBundle]:
         """Sans-I/O: yields each URL to GET, is sent its response, returns the verified bundle."""
@@ -113,15 +120,18 @@ class _ClientCore:
         report = privacy_report(params, payload.private_tokens, self.policy.delta, public_tokens=payload.public_tokens)
         return PreparedPrompt(wire.encode(payload), params, report, placeholders)
 
-    def charge(self, prepared: PreparedPrompt) -> None:
-        """Check the policy's per-prompt cap and reserve the prompt's epsilon in the ledger; raises
-        BudgetExceededError before anything is sent. A prompt without private tokens costs nothing."""
+    def charge(self, prepared: PreparedPrompt, budget_key: str | None = None) -> None:
+        """Check the policy's per-prompt cap and reserve the prompt's epsilon in the ledger under `budget_key`
+        (default: the client's); raises BudgetExceededError before anything is sent. A prompt without private
+        tokens costs nothing."""
         report, cap = prepared.report, self.policy.epsilon_per_prompt
         if cap is not None and report.epsilon > cap:
             raise BudgetExceededError(f"this prompt costs epsilon={report.epsilon:.4g} ({report.private_tokens} "
                                       f"private tokens), over the policy's per-prompt cap {cap:.4g}; nothing was sent")
         if self.ledger is not None and report.private_tokens:
-            self.ledger.reserve(self.budget_key, prepared.charge_id, report.epsilon, report.delta, prepared.mechanism)
+            key = budget_key or self.budget_key
+            self.limit(key)
+            self.ledger.reserve(key, prepared.charge_id, report.epsilon, report.delta, prepared.mechanism)
 
     def settle(self, prepared: PreparedPrompt, sent: bool) -> None:
         if self.ledger is None or not prepared.report.private_tokens:
@@ -133,9 +143,9 @@ class _ClientCore:
 
     def charged_request(self, http: httpx.Client | httpx.AsyncClient, prepared: PreparedPrompt, *,
                         max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                        stop: list[str] | None, stream: bool) -> httpx.Request:
+                        stop: list[str] | None, stream: bool, budget_key: str | None) -> httpx.Request:
         """Charge the budget (raising before anything is sent), then build the /v1/generate request."""
-        self.charge(prepared)
+        self.charge(prepared, budget_key)
         params: dict = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                         "stream": str(stream).lower()}
         if seed is not None:
@@ -149,12 +159,18 @@ class _ClientCore:
     def check(response: httpx.Response) -> None:
         if response.is_success:
             return
+        kind = None
         try:
             body = response.json()
             detail = body.get("detail") or body.get("error") or response.text
+            kind = body.get("error") if isinstance(body.get("error"), str) else None
         except (ValueError, AttributeError):
             detail = response.text
-        raise ServerError(response.status_code, str(detail))
+        try:
+            retry_after = float(response.headers["Retry-After"])
+        except (KeyError, ValueError):
+            retry_after = None
+        raise ServerError(response.status_code, str(detail), kind, retry_after)
 
     @staticmethod
     def result(body: dict, prepared: PreparedPrompt) -> GenerationResult:
@@ -167,7 +183,7 @@ class _ClientCore:
         """(text chunk, final body) of one SSE event; raises ServerError on an error event."""
         body = json.loads(data)
         if event == "error":
-            raise ServerError(200, body.get("detail", data))
+            raise ServerError(200, body.get("detail", data), body.get("error"))
         if event == "done":
             return None, body
         return body.get("text", ""), None
@@ -177,8 +193,9 @@ class GenerationStream:
     """Iterate to get text chunks as the server generates them (placeholders restored, also when one is split
     across chunks); `result` is set once it ends."""
 
-    def __init__(self, chunks: Iterator[str]) -> None:
+    def __init__(self, chunks: Iterator[str], privacy: PrivacyReport, bytes_sent: int) -> None:
         self._chunks = chunks
+        self.privacy, self.bytes_sent = privacy, bytes_sent  # known before the first chunk
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -188,8 +205,9 @@ class GenerationStream:
 class AsyncGenerationStream:
     """Async twin of `GenerationStream`."""
 
-    def __init__(self, chunks: AsyncIterator[str] | None = None) -> None:
+    def __init__(self, chunks: AsyncIterator[str] | None, privacy: PrivacyReport, bytes_sent: int) -> None:
         self._chunks = chunks
+        self.privacy, self.bytes_sent = privacy, bytes_sent  # known before the first chunk
         self.result: GenerationResult | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -273,12 +291,14 @@ class PrivateLLMClient:
         stop: list[str] | None = None,
         stream: bool = False,
         chat: bool = True,
+        budget_key: str | None = None,
     ) -> GenerationResult | GenerationStream:
-        """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
+        """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
+        answer (or a stream of it)."""
         prepared = self.prepare(prompt, chat=chat)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                             stream=stream)
+                                             stream=stream, budget_key=budget_key)
         try:
             response = self._http.send(request, stream=stream)
         except httpx.ConnectError:
@@ -292,7 +312,7 @@ class PrivateLLMClient:
             response.read()
             response.close()
             self._core.check(response)
-        out = GenerationStream(iter(()))
+        out = GenerationStream(iter(()), prepared.report, len(prepared.payload))
 
         def chunks() -> Iterator[str]:
             restorer = prepared.placeholders.stream_restorer()
@@ -383,18 +403,21 @@ class AsyncPrivateLLMClient:
         stop: list[str] | None = None,
         stream: bool = False,
         chat: bool = True,
+        budget_key: str | None = None,
     ) -> GenerationResult | AsyncGenerationStream:
-        """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
+        """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
+        answer (or a stream of it)."""
         prepared = await self.prepare(prompt, chat=chat)
-        request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
-                                             temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                             stream=stream)
+        # the ledger's durable writes run in a thread: one caller's fsync must not stall the event loop's others
+        request = await asyncio.to_thread(self._core.charged_request, self._http, prepared,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          seed=seed, stop=stop, stream=stream, budget_key=budget_key)
         try:
             response = await self._http.send(request, stream=stream)
         except httpx.ConnectError:
-            self._core.settle(prepared, sent=False)
+            await asyncio.to_thread(self._core.settle, prepared, False)
             raise
-        self._core.settle(prepared, sent=True)
+        await asyncio.to_thread(self._core.settle, prepared, True)
         if not stream:
             self._core.check(response)
             return self._core.result(response.json(), prepared)
@@ -402,7 +425,7 @@ class AsyncPrivateLLMClient:
             await response.aread()
             await response.aclose()
             self._core.check(response)
-        out = AsyncGenerationStream()
+        out = AsyncGenerationStream(None, prepared.report, len(prepared.payload))
 
         async def chunks() -> AsyncIterator[str]:
             restorer = prepared.placeholders.stream_restorer()
