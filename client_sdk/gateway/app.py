@@ -200,7 +200,7 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
             exchange.status = failure.code
             raise failure from None
         exchange.privacy = upstream.privacy
-        placeholders = sum(1 for _, parts in exchange.messages for treatment, *_ in parts if treatment == "placeholder")
+        placeholders = len({name for _, parts in exchange.messages for _, _, name in parts if name})
         report = veil_report(upstream.privacy, config.mode, key, placeholders)
         headers = veil_headers(report)
         model = await model_id()

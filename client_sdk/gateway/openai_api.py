@@ -80,17 +80,17 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _bounded_stop(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+    def _stop_list(cls, value: object) -> object:
+        stops = [value] if isinstance(value, str) else value
+        if isinstance(stops, list) and not all(stops):
+            raise ValueError("stop strings must not be empty")
         return stops
 
     @property
