@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -330,3 +331,36 @@ def test_requests_that_are_not_json_or_unknown_routes_get_openai_errors(loopback
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
     assert np.all([r.json()["error"].keys() == {"message", "type", "param", "code"} for r in (bad, missing, empty)])
+
+
+def test_the_readmes_openai_recipe_runs(loopback, tmp_path, capsys) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## OpenAI clients") :]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    with gateway(loopback.url, tmp_path) as (server, _, _client):
+        exec(compile(code.replace("http://127.0.0.1:8787", server.url), "README.md", "exec"), {})
+    assert "epsilon spent:" in capsys.readouterr().out
+
+
+def test_a_slow_ledger_write_does_not_stall_other_callers(loopback, tmp_path) -> None:
+    import threading
+    import time
+
+    with gateway(loopback.url, tmp_path) as (server, oa, client):
+        oa.models.list()  # the bundle is fetched
+        reserve = client.ledger.reserve
+
+        def slow_reserve(*args, **kwargs) -> None:
+            time.sleep(1.5)  # a durable write on a slow disk
+            reserve(*args, **kwargs)
+
+        client.ledger.reserve = slow_reserve
+        asking = threading.Thread(target=lambda: oa.chat.completions.create(model="m", messages=MESSAGES,
+                                                                            max_tokens=2))
+        asking.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert httpx.get(f"{server.url}/v1/models").status_code == 200
+        waited = time.monotonic() - start
+        asking.join(timeout=30)
+    assert waited < 0.8
