@@ -8,8 +8,8 @@ deployed, and sends the same prompt (the whole message private, fresh noise each
 through both, in pairs whose order alternates. Both paths privatize with the same SDK, so a pair's difference is
 what the gateway adds: the extra loopback hop, OpenAI's JSON and SSE, the conversation's spans and the page's
 record. TTFT is the time to the first streamed text; total is a whole non-streamed answer. Reports the median of
-each path and the mean and median of the paired differences (with the mean's standard error); writes
-bench/results/gateway.{json,md}.
+each path and the median (bootstrap SE) and mean (SE) of the paired differences; the target is on the median, as the
+server's time on a shared machine varies by more than the gateway adds. Writes bench/results/gateway.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,9 +28,11 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import numpy as np
 from httpx_sse import EventSource
 
 from app.cli import local_server
+from bench.bootstrap import resample_indices
 from client_sdk import AsyncPrivateLLMClient
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,25 +117,29 @@ async def measure(server: str, gateway: str, ledger: Path, pairs: int, max_new_t
 
 
 def summarize(times: dict[str, list]) -> list[dict]:
+    """Per metric: each path's median, and the paired differences' mean (SE) and median (bootstrap SE): on a shared
+    machine the server's time varies by more than the gateway adds, and the median is robust to its outliers."""
     rows = []
     for index, metric in enumerate(("ttft", "total")):
-        sdk = [t[index] * 1e3 for t in times["sdk"]]
-        gw = [t[index] * 1e3 for t in times["gateway"]]
-        added = [g - s for g, s in zip(gw, sdk)]
-        rows.append({"metric": metric, "sdk_median_ms": statistics.median(sdk),
-                     "gateway_median_ms": statistics.median(gw), "added_mean_ms": statistics.fmean(added),
-                     "added_se_ms": statistics.stdev(added) / len(added) ** 0.5,
-                     "added_median_ms": statistics.median(added), "pairs": len(added)})
+        sdk = np.array([t[index] for t in times["sdk"]]) * 1e3
+        gw = np.array([t[index] for t in times["gateway"]]) * 1e3
+        added = gw - sdk
+        medians = np.median(added[resample_indices(len(added))], axis=1)
+        rows.append({"metric": metric, "sdk_median_ms": float(np.median(sdk)),
+                     "gateway_median_ms": float(np.median(gw)), "added_mean_ms": float(added.mean()),
+                     "added_se_ms": float(added.std(ddof=1) / np.sqrt(len(added))),
+                     "added_median_ms": float(np.median(added)), "added_median_se_ms": float(medians.std(ddof=1)),
+                     "pairs": len(added)})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| metric | SDK directly (median ms) | through the gateway (median ms) | added: mean +- SE (ms) | "
-             "added: median (ms) | pairs |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| metric | SDK directly (median ms) | through the gateway (median ms) | added: median +- SE (ms) | "
+             "added: mean +- SE (ms) | pairs |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['metric']} | {r['sdk_median_ms']:.1f} | {r['gateway_median_ms']:.1f} | "
-                     f"{r['added_mean_ms']:.2f} +- {r['added_se_ms']:.2f} | {r['added_median_ms']:.2f} | "
-                     f"{r['pairs']} |")
+                     f"{r['added_median_ms']:.2f} +- {r['added_median_se_ms']:.2f} | "
+                     f"{r['added_mean_ms']:.2f} +- {r['added_se_ms']:.2f} | {r['pairs']} |")
     return "\n".join(lines)
 
 
@@ -154,17 +159,16 @@ def main() -> None:
     command = f"veil bench gateway --pairs {args.pairs} --max-new-tokens {args.max_new_tokens}"
     text = table(rows)
     print(text)
-    verdict = all(r["added_mean_ms"] <= TARGET_MS for r in rows)
-    print(f"target: <= {TARGET_MS:g} ms added per request: {'met' if verdict else 'NOT met'}")
+    verdict = all(r["added_median_ms"] <= TARGET_MS for r in rows)
+    print(f"target: <= {TARGET_MS:g} ms added per request (median): {'met' if verdict else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "server": "default model" if args.url is None else args.url, "prompt": PROMPT,
               "target_ms": TARGET_MS, "target_met": verdict, "rows": rows, "cpus": os.cpu_count()}
     (RESULTS / "gateway.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "gateway.md").write_text(f"# Gateway overhead\n\n`{command}` ({os.cpu_count()} CPUs, one run; the same "
-                                        f"prompt through the SDK directly and through `veil gateway`, paired)\n\n"
-                                        f"{text}\n\nTarget: <= {TARGET_MS:g} ms added per request: "
-                                        f"{'met' if verdict else 'not met'}.\n")
-
+    (RESULTS / "gateway.md").write_text(
+        f"# Gateway overhead\n\n`{command}` ({os.cpu_count()} CPUs, one run; the same prompt through the SDK directly "
+        f"and through `veil gateway`, paired)\n\n{text}\n\nTarget: <= {TARGET_MS:g} ms added per request (the median "
+        f"of the paired differences): {'met' if verdict else 'not met'}.\n")
 
 if __name__ == "__main__":
     main()

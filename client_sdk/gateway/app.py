@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Mapping
+from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Request
@@ -121,7 +122,8 @@ def veil_report(privacy: PrivacyReport, mode: Mode, budget_key: str, placeholder
 
 
 def veil_headers(report: dict) -> dict[str, str]:
-    return {f"x-veil-{name.replace('_', '-')}": str(value) for name, value in report.items()}
+    """The report as x-veil-* headers (values percent-encoded: a budget key from `user` may be any text)."""
+    return {f"x-veil-{name.replace('_', '-')}": quote(str(value), safe=" :+-.,") for name, value in report.items()}
 
 
 def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = GatewayConfig()) -> FastAPI:
@@ -184,7 +186,7 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        key = budget_key(request)  # authenticate before reading the body
+        budget_key(request)  # authenticate before reading the body
         req = openai_api.parse_chat_request(await read_json(request))
         key = budget_key(request, req.user)
         messages = to_messages([(m.role, m.texts()) for m in req.messages], config.mode)
@@ -227,6 +229,7 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
                             req: ChatCompletionRequest) -> AsyncIterator[str]:
         id = openai_api.completion_id()
         yield json.dumps(openai_api.chunk(id, model, {"role": "assistant", "content": ""}))
+        exchange.status = "client went away"  # unless the stream ends below
         try:
             async for piece in answer:
                 exchange.answer += piece

@@ -83,7 +83,7 @@ class ChatCompletionRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
 
     @field_validator("stop", mode="before")
     @classmethod
