@@ -128,9 +128,9 @@ class _ClientCore:
         if cap is not None and report.epsilon > cap:
             raise BudgetExceededError(f"this prompt costs epsilon={report.epsilon:.4g} ({report.private_tokens} "
                                       f"private tokens), over the policy's per-prompt cap {cap:.4g}; nothing was sent")
+        key = budget_key or self.budget_key
+        self.limit(key)
         if self.ledger is not None and report.private_tokens:
-            key = budget_key or self.budget_key
-            self.limit(key)
             self.ledger.reserve(key, prepared.charge_id, report.epsilon, report.delta, prepared.mechanism)
 
     def settle(self, prepared: PreparedPrompt, sent: bool) -> None:

@@ -144,6 +144,9 @@ def test_the_budget_refusal_policy_refusal_and_the_callers_budget_key(loopback, 
         answer = oa.chat.completions.create(model="m", messages=MESSAGES, user="ann", max_tokens=2)
         assert answer.veil["budget_key"] == "user:ann" and client.ledger.spent("user:ann").charges == 1
         assert client.ledger.spent("gateway").charges == 0
+        raw = oa.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, user="zoë 用户", max_tokens=2)
+        assert raw.parse().veil["budget_key"] == "user:zoë 用户"
+        assert raw.headers["x-veil-budget-key"] == "user:zo%C3%AB %E7%94%A8%E6%88%B7"
     strict = PrivacyPolicy(epsilon_per_token=0.5)  # the server suggests mu = 4: looser than that
     with gateway(loopback.url, tmp_path, policy=strict) as (_, oa, _client):
         err = error_of(lambda: oa.chat.completions.create(model="m", messages=MESSAGES))
@@ -279,6 +282,8 @@ def test_the_page_shows_the_last_requests_spans_and_budgets(recorded, tmp_path) 
         oa.chat.completions.create(model="m", messages=[{"role": "user", "content":
                                                           "the capital of [[france|COUNTRY]] is [[paris]]"}],
                                    max_tokens=2, user="ann")
+        oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}], max_tokens=2,
+                                   user="bob")  # nothing private: nothing spent, but the key has its cap
         page = httpx.get(f"{gw.url}/").text
         from fastapi.testclient import TestClient  # its client is not on loopback
 
@@ -287,8 +292,10 @@ def test_the_page_shows_the_last_requests_spans_and_budgets(recorded, tmp_path) 
     assert '<span class="placeholder" title="replaced by [COUNTRY_1]">france</span>' in page
     assert '<span class="noise">paris</span>' in page and '<span class="public">the capital of </span>' in page
     assert "user:ann" in page and 'id="budgets"' in page
-    spent = BudgetLedger(tmp_path / "gateway-ledger.db").spent("user:ann").epsilon
+    ledger = BudgetLedger(tmp_path / "gateway-ledger.db")
+    spent, cap = ledger.spent("user:ann").epsilon, ledger.limits("user:bob").total_epsilon
     assert f"{spent:.4g}" in page and spent > 0
+    assert cap == PrivacyPolicy.default().epsilon_total and page.count(f"{cap:.4g}") >= 3  # ann's cap, bob's cap and left
 
 
 def test_the_page_renders_in_a_real_browser(recorded, tmp_path) -> None:
