@@ -25,7 +25,7 @@ from client_sdk.mechanism import MechanismParams, secure_rng
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.privatize import privatize_spans
 from client_sdk.schemas import BundleInfo, GenerateResponse
-from client_sdk.spans import Message, Placeholders, as_messages
+from client_sdk.spans import Conversation, Message, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
 
@@ -44,12 +44,13 @@ class GenerationResult(GenerateResponse):
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A privatized prompt ready to send, with its privacy cost and the placeholders to restore in the answer."""
+    """A privatized prompt ready to send, with its privacy cost and the conversation whose placeholders the answer
+    is restored from."""
 
     payload: bytes
     params: MechanismParams
     report: PrivacyReport
-    placeholders: Placeholders = field(repr=False)
+    conversation: Conversation = field(repr=False)
 
     @property
     def charge_id(self) -> str:
@@ -103,15 +104,16 @@ class _ClientCore:
             store_verified(self.cache_dir, response.content, sha, what)
         return ClientBundle.from_cache(info, self.cache_dir)
 
-    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool) -> PreparedPrompt:
+    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool,
+                conversation: Conversation | None) -> PreparedPrompt:
         params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
                                   allow_looser_bundle=self.allow_looser_bundle)
         projection = bundle.projection(self.projection_id)
-        placeholders = Placeholders()
-        spans = bundle.spans(as_messages(prompt), chat=chat, placeholders=placeholders)
+        conversation = conversation if conversation is not None else Conversation()
+        spans = bundle.spans(as_messages(prompt), chat=chat, conversation=conversation)
         payload = privatize_spans(spans, bundle.tables[projection.id], params, projection.id, self._rng)
         report = privacy_report(params, payload.private_tokens, self.policy.delta, public_tokens=payload.public_tokens)
-        return PreparedPrompt(wire.encode(payload), params, report, placeholders)
+        return PreparedPrompt(wire.encode(payload), params, report, conversation)
 
     def charge(self, prepared: PreparedPrompt) -> None:
         """Check the policy's per-prompt cap and reserve the prompt's epsilon in the ledger; raises
@@ -159,7 +161,7 @@ class _ClientCore:
     @staticmethod
     def result(body: dict, prepared: PreparedPrompt) -> GenerationResult:
         answer = GenerateResponse.model_validate(body)
-        answer.text = prepared.placeholders.restore(answer.text)
+        answer.text = prepared.conversation.restore(answer.text)
         return GenerationResult(**answer.model_dump(), privacy=prepared.report, bytes_sent=len(prepared.payload))
 
     @staticmethod
@@ -208,6 +210,9 @@ _COMMON_DOC = """
     seed: only for tests; by default every call draws a fresh seed from the OS's secure source.
     A prompt is a string (one user message, private throughout) or a list of messages
     ({"role", "content", "public"?} dicts or Message), whose content may be parts (client_sdk.spans).
+    conversation (per call): a client_sdk.Conversation kept across the calls of one conversation, so that every
+        value marked in it is replaced or noised wherever it appears again, also in public or assistant turns,
+        and answers are restored only from the placeholders it issued; default: a fresh one per call.
 """
 
 
@@ -258,9 +263,9 @@ class PrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
+    def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(self.bundle, prompt, chat)
+        return self._core.prepare(self.bundle, prompt, chat, conversation)
 
     def generate(
         self,
@@ -273,9 +278,10 @@ class PrivateLLMClient:
         stop: list[str] | None = None,
         stream: bool = False,
         chat: bool = True,
+        conversation: Conversation | None = None,
     ) -> GenerationResult | GenerationStream:
         """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
-        prepared = self.prepare(prompt, chat=chat)
+        prepared = self.prepare(prompt, chat=chat, conversation=conversation)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
@@ -295,7 +301,7 @@ class PrivateLLMClient:
         out = GenerationStream(iter(()))
 
         def chunks() -> Iterator[str]:
-            restorer = prepared.placeholders.stream_restorer()
+            restorer = prepared.conversation.stream_restorer()
             try:
                 for sse in EventSource(response).iter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
@@ -368,9 +374,10 @@ class AsyncPrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    async def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
+    async def prepare(self, prompt: Prompt, *, chat: bool = True,
+                      conversation: Conversation | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(await self.get_bundle(), prompt, chat)
+        return self._core.prepare(await self.get_bundle(), prompt, chat, conversation)
 
     async def generate(
         self,
@@ -383,9 +390,10 @@ class AsyncPrivateLLMClient:
         stop: list[str] | None = None,
         stream: bool = False,
         chat: bool = True,
+        conversation: Conversation | None = None,
     ) -> GenerationResult | AsyncGenerationStream:
         """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
-        prepared = await self.prepare(prompt, chat=chat)
+        prepared = await self.prepare(prompt, chat=chat, conversation=conversation)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
@@ -405,7 +413,7 @@ class AsyncPrivateLLMClient:
         out = AsyncGenerationStream()
 
         async def chunks() -> AsyncIterator[str]:
-            restorer = prepared.placeholders.stream_restorer()
+            restorer = prepared.conversation.stream_restorer()
             try:
                 async for sse in EventSource(response).aiter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
