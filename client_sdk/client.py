@@ -26,7 +26,7 @@ from client_sdk.mechanism import MechanismParams, secure_rng
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.privatize import privatize_spans
 from client_sdk.schemas import BundleInfo, GenerateResponse
-from client_sdk.spans import Message, Placeholders, as_messages
+from client_sdk.spans import Conversation, Message, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
 
@@ -45,12 +45,13 @@ class GenerationResult(GenerateResponse):
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A privatized prompt ready to send, with its privacy cost and the placeholders to restore in the answer."""
+    """A privatized prompt ready to send, with its privacy cost and the conversation whose placeholders the answer
+    is restored from."""
 
     payload: bytes
     params: MechanismParams
     report: PrivacyReport
-    placeholders: Placeholders = field(repr=False)
+    conversation: Conversation = field(repr=False)
 
     @property
     def charge_id(self) -> str:
@@ -110,15 +111,16 @@ class _ClientCore:
             store_verified(self.cache_dir, response.content, sha, what)
         return ClientBundle.from_cache(info, self.cache_dir)
 
-    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool) -> PreparedPrompt:
+    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool,
+                conversation: Conversation | None) -> PreparedPrompt:
         params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
                                   allow_looser_bundle=self.allow_looser_bundle)
         projection = bundle.projection(self.projection_id)
-        placeholders = Placeholders()
-        spans = bundle.spans(as_messages(prompt), chat=chat, placeholders=placeholders)
+        conversation = conversation if conversation is not None else Conversation()
+        spans = bundle.spans(as_messages(prompt), chat=chat, conversation=conversation)
         payload = privatize_spans(spans, bundle.tables[projection.id], params, projection.id, self._rng)
         report = privacy_report(params, payload.private_tokens, self.policy.delta, public_tokens=payload.public_tokens)
-        return PreparedPrompt(wire.encode(payload), params, report, placeholders)
+        return PreparedPrompt(wire.encode(payload), params, report, conversation)
 
     def charge(self, prepared: PreparedPrompt, budget_key: str | None = None) -> None:
         """Check the policy's per-prompt cap and reserve the prompt's epsilon in the ledger under `budget_key`
@@ -175,7 +177,7 @@ class _ClientCore:
     @staticmethod
     def result(body: dict, prepared: PreparedPrompt) -> GenerationResult:
         answer = GenerateResponse.model_validate(body)
-        answer.text = prepared.placeholders.restore(answer.text)
+        answer.text = prepared.conversation.restore(answer.text)
         return GenerationResult(**answer.model_dump(), privacy=prepared.report, bytes_sent=len(prepared.payload))
 
     @staticmethod
@@ -226,6 +228,9 @@ _COMMON_DOC = """
     seed: only for tests; by default every call draws a fresh seed from the OS's secure source.
     A prompt is a string (one user message, private throughout) or a list of messages
     ({"role", "content", "public"?} dicts or Message), whose content may be parts (client_sdk.spans).
+    conversation (per call): a client_sdk.Conversation kept across the calls of one conversation, so that every
+        value marked in it is replaced or noised wherever it appears again, also in public or assistant turns,
+        and answers are restored only from the placeholders it issued; default: a fresh one per call.
 """
 
 
@@ -276,9 +281,9 @@ class PrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
+    def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(self.bundle, prompt, chat)
+        return self._core.prepare(self.bundle, prompt, chat, conversation)
 
     def generate(
         self,
@@ -292,10 +297,11 @@ class PrivateLLMClient:
         stream: bool = False,
         chat: bool = True,
         budget_key: str | None = None,
+        conversation: Conversation | None = None,
     ) -> GenerationResult | GenerationStream:
         """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
         answer (or a stream of it)."""
-        prepared = self.prepare(prompt, chat=chat)
+        prepared = self.prepare(prompt, chat=chat, conversation=conversation)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream, budget_key=budget_key)
@@ -315,7 +321,7 @@ class PrivateLLMClient:
         out = GenerationStream(iter(()), prepared.report, len(prepared.payload))
 
         def chunks() -> Iterator[str]:
-            restorer = prepared.placeholders.stream_restorer()
+            restorer = prepared.conversation.stream_restorer()
             try:
                 for sse in EventSource(response).iter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
@@ -388,9 +394,10 @@ class AsyncPrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    async def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
+    async def prepare(self, prompt: Prompt, *, chat: bool = True,
+                      conversation: Conversation | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(await self.get_bundle(), prompt, chat)
+        return self._core.prepare(await self.get_bundle(), prompt, chat, conversation)
 
     async def generate(
         self,
@@ -404,10 +411,11 @@ class AsyncPrivateLLMClient:
         stream: bool = False,
         chat: bool = True,
         budget_key: str | None = None,
+        conversation: Conversation | None = None,
     ) -> GenerationResult | AsyncGenerationStream:
         """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
         answer (or a stream of it)."""
-        prepared = await self.prepare(prompt, chat=chat)
+        prepared = await self.prepare(prompt, chat=chat, conversation=conversation)
         # the ledger's durable writes run in a thread: one caller's fsync must not stall the event loop's others
         request = await asyncio.to_thread(self._core.charged_request, self._http, prepared,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -428,7 +436,7 @@ class AsyncPrivateLLMClient:
         out = AsyncGenerationStream(None, prepared.report, len(prepared.payload))
 
         async def chunks() -> AsyncIterator[str]:
-            restorer = prepared.placeholders.stream_restorer()
+            restorer = prepared.conversation.stream_restorer()
             try:
                 async for sse in EventSource(response).aiter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)

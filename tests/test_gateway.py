@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from app.api import create_app
 from client_sdk import AsyncPrivateLLMClient, BudgetLedger, PrivacyPolicy, PrivateLLMClient, wire
 from client_sdk.gateway import GatewayConfig, create_gateway
-from client_sdk.gateway.modes import to_messages
+from client_sdk.gateway.modes import Conversations, to_messages
 from client_sdk.gateway.stop import StopScanner
 from tests.conftest import WORDS, LoopbackServer
 
@@ -236,14 +236,36 @@ def test_markup_keeps_private_text_off_the_wire_in_every_message(recorded, tmp_p
     assert payload.private_tokens == answer.veil["private_tokens"] == 3 and answer.veil["placeholders"] == 1
 
 
-def test_the_conversation_shares_its_private_spans() -> None:
-    messages = to_messages([("user", ["mail [[ann@x.org|EMAIL]] now"]), ("assistant", ["sent to ann@x.org."]),
-                            ("developer", ["be brief"])], "markup")
-    assert [p.treatment for p in messages[1].parts()] == ["public", "placeholder", "public"]
-    assert messages[2].role == "system" and messages[2].parts()[0].treatment == "public"
+def test_the_modes_and_the_conversation_map() -> None:
+    pairs = [("user", ["mail [[ann@x.org|EMAIL]] now"]), ("assistant", ["sent to ann@x.org."]),
+             ("developer", ["be brief"])]
+    messages = to_messages(pairs, "markup")
+    conversations = Conversations()
+    parts = conversations.get("k", pairs).parts(messages)
+    assert [p.treatment for p in parts[1]] == ["public", "placeholder", "public"]  # the restored answer too
+    assert messages[2].role == "system" and parts[2][0].treatment == "public"
+    assert conversations.get("k", pairs[:1] + [("user", ["later"])]) is conversations.get("k", pairs)
+    assert conversations.get("other key", pairs) is not conversations.get("k", pairs)
     detected = to_messages([("user", ["call +44 20 7946 0958 today"])], "detect")
     assert [p.treatment for p in detected[0].parts()] == ["public", "placeholder", "public"]
-    assert to_messages([("user", ["all of it"])], "whole")[0].parts()[0].treatment == "noise"
+    assert to_messages([("user", ["all ", "of it"])], "whole")[0].content == "all of it"  # private throughout
+
+
+def test_a_conversation_remembers_its_values_across_requests(recorded, tmp_path) -> None:
+    server, _, bodies = recorded
+    opening = [{"role": "user", "content": "hello"}]
+    with gateway(server.url, tmp_path, GatewayConfig(mode="markup")) as (_, oa, _client):
+        oa.chat.completions.create(model="m", messages=opening + [
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "[[paris|CITY]] is a city ?"}],
+            max_tokens=2)
+        # the client regenerates from an edited history: the value is no longer marked, the conversation knows it
+        later = oa.chat.completions.create(model="m", messages=opening + [
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "paris is the capital ?"}],
+            max_tokens=2)
+        other = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "paris is the capital ?"}],
+                                           max_tokens=2)
+    assert WORDS.index("paris") not in wire.decode(bodies[1]).public_ids.tolist() and later.veil["placeholders"] == 1
+    assert WORDS.index("paris") in wire.decode(bodies[2]).public_ids.tolist() and other.veil["placeholders"] == 0
 
 
 def restoring_server():

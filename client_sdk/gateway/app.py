@@ -28,11 +28,11 @@ from client_sdk.accounting import PrivacyReport
 from client_sdk.client import AsyncGenerationStream, AsyncPrivateLLMClient, GenerationResult
 from client_sdk.errors import BudgetExceededError, BundleError, LedgerError, PolicyError, ServerError
 from client_sdk.gateway import openai_api
-from client_sdk.gateway.modes import Mode, to_messages
+from client_sdk.gateway.modes import Conversations, Mode, to_messages
 from client_sdk.gateway.openai_api import ChatCompletionRequest, GatewayError
 from client_sdk.gateway.page import render_page
 from client_sdk.gateway.stop import StopScanner
-from client_sdk.spans import Message, Placeholders
+from client_sdk.spans import Conversation, Message
 
 DEFAULT_BUDGET_KEY = "gateway"
 NO_RETRY = {"x-should-retry": "false"}  # OpenAI's clients retry 429 and 5xx unless told not to
@@ -64,11 +64,11 @@ class Exchange:
     privacy: PrivacyReport | None = None
 
 
-def _display(messages: list[Message]) -> list[tuple[str, list[tuple[str, str, str]]]]:
-    """Each message's parts with the placeholder the SDK puts in place of each replaced one (same numbering)."""
-    names = Placeholders()
-    return [(m.role, [(p.treatment, p.text, names.public_text(p) if p.treatment == "placeholder" else "")
-                      for p in m.parts()]) for m in messages]
+def _display(messages: list[Message], conversation: Conversation) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Each message's parts as the conversation treats them, with the placeholder that replaces each replaced one
+    (the SDK asks the same conversation: the same parts, the same placeholders)."""
+    return [(m.role, [(p.treatment, p.text, conversation.public_text(p) if p.treatment == "placeholder" else "")
+                      for p in parts]) for m, parts in zip(messages, conversation.parts(messages))]
 
 
 def is_loopback(host: str | None) -> bool:
@@ -130,6 +130,7 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
     """The gateway app for `client` (its server, policy, ledger and seed)."""
     app = FastAPI(title="veil gateway", docs_url=None, redoc_url=None, openapi_url=None)
     exchanges: deque[Exchange] = deque(maxlen=config.history)
+    conversations = Conversations()
 
     @app.exception_handler(GatewayError)
     async def openai_error(_: Request, err: GatewayError) -> JSONResponse:
@@ -189,14 +190,16 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
         budget_key(request)  # authenticate before reading the body
         req = openai_api.parse_chat_request(await read_json(request))
         key = budget_key(request, req.user)
-        messages = to_messages([(m.role, m.texts()) for m in req.messages], config.mode)
-        exchange = Exchange(time.time(), key, req.stream, _display(messages))
+        pairs = [(m.role, m.texts()) for m in req.messages]
+        messages = to_messages(pairs, config.mode)
+        conversation = conversations.get(key, pairs)
+        exchange = Exchange(time.time(), key, req.stream, _display(messages, conversation))
         exchanges.append(exchange)
         max_new_tokens = req.max_new_tokens or config.default_max_tokens
         try:
             upstream = await client.generate(messages, max_new_tokens=max_new_tokens, temperature=req.temperature,
                                              top_p=req.top_p, seed=req.seed, stream=req.stream or bool(req.stop),
-                                             budget_key=key)
+                                             budget_key=key, conversation=conversation)
         except Exception as err:
             failure = gateway_error(err)
             exchange.status = failure.code

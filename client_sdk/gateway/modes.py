@@ -6,20 +6,24 @@
 - detect: the on-device detector (client_sdk.detect) proposes spans, which become typed placeholders: the
   identifier never leaves the device, in any form, and the answer gets it back.
 
-An OpenAI client sends the whole conversation each time, and its history holds the answers as the user saw them,
-placeholders restored. So the gateway treats one request as one conversation: text that is private anywhere in it
-is private everywhere in it (`private_everywhere`), and the same text gets the same placeholder in every message
-(the SDK's Placeholders map is per prompt, and a request is one prompt). Without that, the restored name in an
-earlier answer would go back to the server in the clear.
+An OpenAI client sends the whole conversation each time, its history holding the answers as the user saw them
+(placeholders restored). Each conversation gets one SDK `Conversation`, kept across its requests: a value private
+anywhere in it (marked, detected, in any turn so far) is private everywhere in it, with the same placeholder, and
+answers are restored only from the placeholders it issued. Without that, the restored name in an earlier answer
+would go back to the server in the clear. A conversation is identified by its caller's budget key and its opening
+(every message up to and including the first user message): OpenAI's API has no conversation id, and `user` names
+a person, not a conversation. Two conversations with the same opening share a map, which only makes more private.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import json
+from collections import OrderedDict
 from typing import Literal, get_args
 
 from client_sdk.detect import detect_parts
-from client_sdk.spans import Message, Part, markup
+from client_sdk.spans import Conversation, Message, Part, markup
 
 Mode = Literal["whole", "markup", "detect"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -27,37 +31,36 @@ ROLES = {"developer": "system"}  # the chat template knows system, user and assi
 
 
 def parts_of(text: str, mode: Mode) -> list[Part]:
-    if mode == "whole":
-        return [Part(text, "noise")]
     if mode == "markup":
         return markup(text)
     return detect_parts(text, treatment="placeholder")
 
 
-def private_everywhere(conversation: list[list[Part]]) -> list[list[Part]]:
-    """Public text that repeats a private part's text anywhere in the conversation gets that part's treatment."""
-    private = {part.text: part for parts in conversation for part in parts if part.treatment != "public" and part.text}
-    if not private:
-        return conversation
-    pattern = re.compile("|".join(re.escape(text) for text in sorted(private, key=len, reverse=True)))
-    out = []
-    for parts in conversation:
-        split: list[Part] = []
-        for part in parts:
-            if part.treatment != "public":
-                split.append(part)
-                continue
-            last = 0
-            for match in pattern.finditer(part.text):
-                split.append(Part(part.text[last : match.start()], "public"))
-                split.append(private[match.group(0)])
-                last = match.end()
-            split.append(Part(part.text[last:], "public"))
-        out.append([p for p in split if p.text])
-    return out
-
-
 def to_messages(conversation: list[tuple[str, list[str]]], mode: Mode) -> list[Message]:
     """SDK messages from (role, texts) pairs under `mode`."""
-    parts = private_everywhere([[p for text in texts for p in parts_of(text, mode)] for _, texts in conversation])
-    return [Message(ROLES.get(role, role), message_parts) for (role, _), message_parts in zip(conversation, parts)]
+    if mode == "whole":  # a string content: private throughout, as the SDK treats a string prompt
+        return [Message(ROLES.get(role, role), "".join(texts)) for role, texts in conversation]
+    return [Message(ROLES.get(role, role), [p for text in texts for p in parts_of(text, mode)])
+            for role, texts in conversation]
+
+
+def opening(conversation: list[tuple[str, list[str]]]) -> str:
+    """What identifies a conversation across its requests: a hash of its messages up to the first user message."""
+    first_user = next((i for i, (role, _) in enumerate(conversation) if role == "user"), len(conversation) - 1)
+    return hashlib.sha256(json.dumps(conversation[: first_user + 1]).encode()).hexdigest()
+
+
+class Conversations:
+    """The SDK `Conversation` of each conversation the gateway has seen, the least recently used forgotten first."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self._size = size
+        self._known: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
+
+    def get(self, budget_key: str, conversation: list[tuple[str, list[str]]]) -> Conversation:
+        key = (budget_key, opening(conversation))
+        found = self._known.pop(key, None) or Conversation()
+        self._known[key] = found
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
+        return found
