@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from typer.testing import CliRunner
@@ -165,7 +164,7 @@ def test_an_unreachable_or_overloaded_server_has_its_own_error(settings, runner,
     @app.middleware("http")
     async def full(request, call_next):
         if request.url.path == "/v1/generate":
-            return httpx_json(503, {"error": "overloaded", "detail": "the queue is full"}, {"Retry-After": "7"})
+            return json_response(503, {"error": "overloaded", "detail": "the queue is full"}, {"Retry-After": "7"})
         return await call_next(request)
 
     with LoopbackServer(app) as busy, gateway(busy.url, tmp_path) as (_, oa, _client):
@@ -176,7 +175,7 @@ def test_an_unreachable_or_overloaded_server_has_its_own_error(settings, runner,
         assert "the queue is full" in e.message
 
 
-def httpx_json(status: int, body: dict, headers: dict):
+def json_response(status: int, body: dict, headers: dict):
     from fastapi.responses import JSONResponse
 
     return JSONResponse(body, status_code=status, headers=headers)
@@ -317,7 +316,7 @@ def test_the_page_shows_the_last_requests_spans_and_budgets(recorded, tmp_path) 
     ledger = BudgetLedger(tmp_path / "gateway-ledger.db")
     spent, cap = ledger.spent("user:ann").epsilon, ledger.limits("user:bob").total_epsilon
     assert f"{spent:.4g}" in page and spent > 0
-    assert cap == PrivacyPolicy.default().epsilon_total and page.count(f"{cap:.4g}") >= 3  # ann's cap, bob's cap and left
+    assert cap == PrivacyPolicy.default().epsilon_total and page.count(f"{cap:.4g}") >= 3  # caps and bob's left
 
 
 def test_the_page_renders_in_a_real_browser(recorded, tmp_path) -> None:
@@ -359,7 +358,7 @@ def test_requests_that_are_not_json_or_unknown_routes_get_openai_errors(loopback
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
-    assert np.all([r.json()["error"].keys() == {"message", "type", "param", "code"} for r in (bad, missing, empty)])
+    assert all(r.json()["error"].keys() == {"message", "type", "param", "code"} for r in (bad, missing, empty))
 
 
 def test_the_readmes_openai_recipe_runs(loopback, tmp_path, capsys) -> None:
@@ -393,3 +392,21 @@ def test_a_slow_ledger_write_does_not_stall_other_callers(loopback, tmp_path) ->
         waited = time.monotonic() - start
         asking.join(timeout=30)
     assert waited < 0.8
+
+
+def test_legacy_completions_continue_a_prompt_as_the_sdk_does(loopback, tmp_path) -> None:
+    settings = dict(max_new_tokens=6, temperature=0.0, seed=1)
+    with PrivateLLMClient(loopback.url, cache_dir=tmp_path / "c", ledger=False, seed=3) as sdk:
+        single = sdk.generate("the capital of france is", chat=False, **settings)
+        streamed = "".join(sdk.generate("the capital of france is", chat=False, stream=True, **settings))
+    with gateway(loopback.url, tmp_path, seed=3) as (_, oa, _client):
+        ask = dict(model="m", prompt="the capital of france is", max_tokens=6, temperature=0, seed=1)
+        completion = oa.completions.create(**ask)
+        chunks = list(oa.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        echo = error_of(lambda: oa.completions.create(**{**ask, "echo": True}))
+        two = error_of(lambda: oa.completions.create(**{**ask, "prompt": ["a", "b"]}))
+    assert completion.object == "text_completion" and completion.choices[0].text == single.text
+    assert completion.veil["private_tokens"] == single.privacy.private_tokens == 5  # no template: all of it
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == streamed
+    assert chunks[-1].usage.completion_tokens >= 1 and chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert (echo.body["param"], two.body["param"]) == ("echo", "prompt")

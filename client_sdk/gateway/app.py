@@ -29,7 +29,7 @@ from client_sdk.client import AsyncGenerationStream, AsyncPrivateLLMClient, Gene
 from client_sdk.errors import BudgetExceededError, BundleError, LedgerError, PolicyError, ServerError
 from client_sdk.gateway import openai_api
 from client_sdk.gateway.modes import Conversations, Mode, to_messages
-from client_sdk.gateway.openai_api import ChatCompletionRequest, GatewayError
+from client_sdk.gateway.openai_api import ChatCompletionRequest, CompletionRequest, GatewayError, GenerationRequest
 from client_sdk.gateway.page import render_page
 from client_sdk.gateway.stop import StopScanner
 from client_sdk.spans import Conversation, Message
@@ -136,6 +136,11 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
     async def openai_error(_: Request, err: GatewayError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, err: Exception) -> JSONResponse:  # a bug: still answered in OpenAI's shape
+        return await openai_error(request, GatewayError(500, f"the gateway failed ({type(err).__name__}); see its log",
+                                                        type="api_error", code="internal_error"))
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         code = "not_found" if err.status_code == 404 else "http_error"
@@ -187,10 +192,18 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        return await complete(request, ChatCompletionRequest, openai_api.CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, CompletionRequest, openai_api.TEXT)
+
+    async def complete(request: Request, kind: type[GenerationRequest],
+                       form: openai_api.ResponseFormat) -> Response:
         budget_key(request)  # authenticate before reading the body
-        req = openai_api.parse_chat_request(await read_json(request))
+        req = openai_api.parse_request(await read_json(request), kind)
         key = budget_key(request, req.user)
-        pairs = [(m.role, m.texts()) for m in req.messages]
+        pairs = req.conversation()
         messages = to_messages(pairs, config.mode)
         conversation = conversations.get(key, pairs)
         exchange = Exchange(time.time(), key, req.stream, _display(messages, conversation))
@@ -199,7 +212,7 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
         try:
             upstream = await client.generate(messages, max_new_tokens=max_new_tokens, temperature=req.temperature,
                                              top_p=req.top_p, seed=req.seed, stream=req.stream or bool(req.stop),
-                                             budget_key=key, conversation=conversation)
+                                             chat=form.chat, budget_key=key, conversation=conversation)
         except Exception as err:
             failure = gateway_error(err)
             exchange.status = failure.code
@@ -212,8 +225,8 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
         if isinstance(upstream, GenerationResult):
             exchange.answer, exchange.status = upstream.text, "ok"
             finish = "length" if upstream.completion_tokens >= max_new_tokens else "stop"
-            return JSONResponse(openai_api.chat_completion(
-                openai_api.completion_id(), model, upstream.text, finish,
+            return JSONResponse(form.completion(
+                form.completion_id(), model, upstream.text, finish,
                 openai_api.usage(upstream.prompt_tokens, upstream.completion_tokens), report), headers=headers)
         answer = Answer(client, upstream, req.stop, max_new_tokens)
         if not req.stream:
@@ -224,28 +237,30 @@ def create_gateway(client: AsyncPrivateLLMClient, config: GatewayConfig = Gatewa
                 exchange.status = failure.code
                 raise failure from None
             exchange.answer, exchange.status = text, "ok"
-            return JSONResponse(openai_api.chat_completion(openai_api.completion_id(), model, text, answer.finish,
-                                                           await answer.usage(), report), headers=headers)
-        return EventSourceResponse(stream_events(answer, exchange, model, report, req), headers=headers, ping=15)
+            return JSONResponse(form.completion(form.completion_id(), model, text, answer.finish,
+                                                await answer.usage(), report), headers=headers)
+        events = stream_events(answer, exchange, model, report, req.include_usage, form)
+        return EventSourceResponse(events, headers=headers, ping=15)
 
-    async def stream_events(answer: "Answer", exchange: Exchange, model: str, report: dict,
-                            req: ChatCompletionRequest) -> AsyncIterator[str]:
-        id = openai_api.completion_id()
-        yield json.dumps(openai_api.chunk(id, model, {"role": "assistant", "content": ""}))
+    async def stream_events(answer: "Answer", exchange: Exchange, model: str, report: dict, include_usage: bool,
+                            form: openai_api.ResponseFormat) -> AsyncIterator[str]:
+        id = form.completion_id()
+        if start := form.start_chunk(id, model):
+            yield json.dumps(start)
         exchange.status = "client went away"  # unless the stream ends below
         try:
             async for piece in answer:
                 exchange.answer += piece
-                yield json.dumps(openai_api.chunk(id, model, {"content": piece}))
+                yield json.dumps(form.chunk(id, model, piece))
         except Exception as err:  # the status line is sent: the error goes in-band, as OpenAI's streams do
             failure = gateway_error(err)
             exchange.status = failure.code
             yield json.dumps(failure.body())
             return
         exchange.status = "ok"
-        yield json.dumps(openai_api.chunk(id, model, {}, answer.finish, veil=report))
-        if req.include_usage:
-            yield json.dumps(openai_api.chunk(id, model, None, usage=await answer.usage(), veil=report))
+        yield json.dumps(form.chunk(id, model, None, answer.finish, veil=report))
+        if include_usage:
+            yield json.dumps(form.usage_chunk(id, model, await answer.usage(), veil=report))
         yield "[DONE]"
 
     return app

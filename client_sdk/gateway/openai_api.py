@@ -1,5 +1,5 @@
-"""OpenAI's Chat Completions format as the gateway speaks it: the request it accepts, the objects it answers with,
-and its error bodies. Nothing here privatizes or sends anything.
+"""OpenAI's Chat Completions format (and the legacy Completions format) as the gateway speaks them: the requests it
+accepts, the objects it answers with, and its error bodies. Nothing here privatizes or sends anything.
 
 Every request field is either supported, accepted only at its no-op value (`n: 1`, `logprobs: false`, ...), or
 refused with a 400 naming it: a field is never dropped silently. A null field counts as absent.
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 NO_OP_VALUES: dict[str, object] = {"n": 1, "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0,
-                                   "logit_bias": {}, "response_format": {"type": "text"}, "modalities": ["text"]}
+                                   "logit_bias": {}, "response_format": {"type": "text"}, "modalities": ["text"],
+                                   "best_of": 1, "echo": False}
 """Fields veil does not implement, accepted only at the value that asks for nothing."""
 WHY_UNSUPPORTED = {
     "tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls",
@@ -25,6 +27,7 @@ WHY_UNSUPPORTED = {
     "presence_penalty": "penalties", "logit_bias": "logit bias", "prediction": "predicted outputs",
     "metadata": "stored completions (a text field veil would not send)", "store": "stored completions",
     "reasoning_effort": "reasoning models", "web_search_options": "web search", "service_tier": "service tiers",
+    "best_of": "more than one choice", "echo": "echoing the prompt", "suffix": "insertion",
 }
 
 
@@ -69,12 +72,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions. `model` is accepted and answered with the served model's id."""
+class GenerationRequest(BaseModel):
+    """The fields both endpoints share. `model` is accepted and answered with the served model's id."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -101,8 +103,37 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def conversation(self) -> list[tuple[str, list[str]]]:
+        """(role, texts) of each message."""
+        raise NotImplementedError
 
-def parse_chat_request(body: object) -> ChatCompletionRequest:
+
+class ChatCompletionRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def conversation(self) -> list[tuple[str, list[str]]]:
+        return [(m.role, m.texts()) for m in self.messages]
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions: one prompt, continued as written (no chat template)."""
+
+    prompt: str | list[str] = Field(min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("one prompt per request")
+        return value
+
+    def conversation(self) -> list[tuple[str, list[str]]]:
+        return [("user", [self.prompt if isinstance(self.prompt, str) else self.prompt[0]])]
+
+
+def parse_request(body: object, kind: type[GenerationRequest]) -> GenerationRequest:
     """The request, or a GatewayError (400) naming the first field that is wrong or not supported."""
     if not isinstance(body, dict):
         raise GatewayError(400, "the body must be a JSON object", code="invalid_body")
@@ -115,7 +146,7 @@ def parse_chat_request(body: object) -> ChatCompletionRequest:
                                code="unsupported_field", param=name)
         fields[name] = value
     try:
-        return ChatCompletionRequest.model_validate(fields)
+        return kind.model_validate(fields)
     except ValidationError as err:
         first = err.errors()[0]
         param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
@@ -124,26 +155,52 @@ def parse_chat_request(body: object) -> ChatCompletionRequest:
         raise GatewayError(400, f"{param}: {first['msg']}", code="invalid_value", param=param) from None
 
 
-def completion_id() -> str:
-    return f"chatcmpl-veil-{uuid.uuid4().hex}"
+@dataclass(frozen=True)
+class ResponseFormat:
+    """How one endpoint writes its answers: `chat.completion` (a message, deltas) or `text_completion` (text)."""
+
+    object: str
+    chunk_object: str
+    id_prefix: str
+    chat: bool
+
+    def completion_id(self) -> str:
+        return f"{self.id_prefix}-veil-{uuid.uuid4().hex}"
+
+    def _choice(self, text: str | None, finish_reason: str | None, streamed: bool) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        content = {} if text is None else {"content": text}
+        body = content if streamed else {"role": "assistant", **content}
+        return {"index": 0, "delta" if streamed else "message": body, "logprobs": None, "finish_reason": finish_reason}
+
+    def completion(self, id: str, model: str, text: str, finish_reason: str, usage: dict, veil: dict) -> dict:
+        """The whole answer; `veil` (the privacy spent) is a field OpenAI clients ignore."""
+        return {"id": id, "object": self.object, "created": int(time.time()), "model": model,
+                "choices": [self._choice(text, finish_reason, False)], "usage": usage, "veil": veil}
+
+    def chunk(self, id: str, model: str, text: str | None, finish_reason: str | None = None, **extra: object) -> dict:
+        """A streamed piece (text None: the end, with `finish_reason`)."""
+        return {"id": id, "object": self.chunk_object, "created": int(time.time()), "model": model,
+                "choices": [self._choice(text, finish_reason, True)], **extra}
+
+    def start_chunk(self, id: str, model: str) -> dict | None:
+        """The chunk that opens a stream: the assistant's role, in the chat format."""
+        if not self.chat:
+            return None
+        chunk = self.chunk(id, model, "")
+        chunk["choices"][0]["delta"]["role"] = "assistant"
+        return chunk
+
+    def usage_chunk(self, id: str, model: str, usage: dict, **extra: object) -> dict:
+        return {"id": id, "object": self.chunk_object, "created": int(time.time()), "model": model, "choices": [],
+                "usage": usage, **extra}
+
+
+CHAT = ResponseFormat("chat.completion", "chat.completion.chunk", "chatcmpl", chat=True)
+TEXT = ResponseFormat("text_completion", "text_completion", "cmpl", chat=False)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def chat_completion(id: str, model: str, text: str, finish_reason: str, usage: dict, veil: dict) -> dict:
-    """A `chat.completion` object; `veil` (the privacy spent) is a field OpenAI clients ignore."""
-    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish_reason}],
-            "usage": usage, "veil": veil}
-
-
-def chunk(id: str, model: str, delta: dict | None, finish_reason: str | None = None, **extra: object) -> dict:
-    """A `chat.completion.chunk`; with delta None, the usage chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish_reason}]
-    return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices, **extra}
