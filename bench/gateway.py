@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--url", help="a running veil server (default: start `veil serve` on the default model)")
     parser.add_argument("--port", type=int, default=8767, help="the port of the server this starts")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         with (local_server(args.port) if args.url is None else nullcontext(args.url)) as server, \
                 local_gateway(server, Path(tmp) / "gateway-ledger.db") as gateway:
@@ -193,10 +194,11 @@ def main() -> None:
     print(f"target: <= {TARGET_MS:g} ms added per request (median): {'met' if verdict else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "server": "default model" if args.url is None else args.url, "prompt": PROMPT,
-              "target_ms": TARGET_MS, "target_met": verdict, "rows": rows, "own_work_ms": own, "cpus": os.cpu_count()}
+              "target_ms": TARGET_MS, "target_met": verdict, "rows": rows, "own_work_ms": own,
+              "load_average": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count()}
     (RESULTS / "gateway.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "gateway.md").write_text(
-        f"# Gateway overhead\n\n`{command}` ({os.cpu_count()} CPUs, one run; the same prompt through the SDK directly "
+        f"# Gateway overhead\n\n`{command}` ({os.cpu_count()} CPUs at load {load_before:.1f}, one run; the same prompt through the SDK directly "
         f"and through `veil gateway`, paired)\n\n{text}\n\nThe gateway's own steps (parsing, the mode's messages, the "
         f"conversation's map, the page's record, the report, the answer's JSON), in process: {own:.3f} ms per request "
         f"(median).\n\nTarget: <= {TARGET_MS:g} ms added per request (the median "
