@@ -199,10 +199,10 @@ def main() -> None:
     (RESULTS / "gateway.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "gateway.md").write_text(
         f"# Gateway overhead\n\n`{command}` ({os.cpu_count()} CPUs at load {load_before:.1f}, one run; the same "
-        f"prompt through the SDK directly and through `veil gateway`, paired)\n\n{text}\n\nThe gateway's own steps (parsing, the mode's messages, the "
-        f"conversation's map, the page's record, the report, the answer's JSON), in process: {own:.3f} ms per request "
-        f"(median).\n\nTarget: <= {TARGET_MS:g} ms added per request (the median "
-        f"of the paired differences): {'met' if verdict else 'not met'}.\n")
+        f"prompt through the SDK directly and through `veil gateway`, paired)\n\n{text}\n\nThe gateway's own steps "
+        f"(parsing, the mode's messages, the conversation's map, the page's record, the report, the answer's JSON), "
+        f"in process: {own:.3f} ms per request (median).\n\nTarget: <= {TARGET_MS:g} ms added per request (the "
+        f"median of the paired differences): {'met' if verdict else 'not met'}.\n")
 
 if __name__ == "__main__":
     main()
