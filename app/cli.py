@@ -111,16 +111,16 @@ def _measured_recovery(report) -> str:
 
 def _show_spans(client, prompt) -> None:
     """What stays on the device (private spans, placeholders) and what the server sees in the clear."""
-    from client_sdk.spans import Placeholders, as_messages
+    from client_sdk.spans import Conversation, as_messages
 
-    placeholders = Placeholders()
-    spans = client.bundle.spans(as_messages(prompt), placeholders=placeholders)
+    conversation = Conversation()
+    spans = client.bundle.spans(as_messages(prompt), conversation=conversation)
     decode = client.bundle.tokenizer.decode
     for span in spans:
         text = decode(span.ids.tolist(), skip_special_tokens=False)
         label = "private: only noised levels leave" if span.private else "public: sent in the clear"
         typer.echo(f"  {label:40s} {text!r}")
-    for name, original in placeholders.originals.items():
+    for name, original in conversation.originals.items():
         typer.echo(f"  {'placeholder (real text stays here)':40s} {name} = {original!r}")
 
 
@@ -166,7 +166,7 @@ def demo(
 
 
 BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse",
-              "rate-limit-store", "ledger", "chat", "selective", "distill-lora")
+              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "gateway")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

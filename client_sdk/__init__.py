@@ -17,7 +17,7 @@ from client_sdk.errors import (BudgetExceededError, BundleError, LedgerError, Me
                                ProtocolError, ServerError, VeilError, WireFormatError)
 from client_sdk.mechanism import MechanismParams
 from client_sdk.policy import PrivacyPolicy
-from client_sdk.spans import Message, Part, markup
+from client_sdk.spans import Conversation, Message, Part, markup
 
 __all__ = [
     "AsyncGenerationStream",
@@ -25,6 +25,7 @@ __all__ = [
     "BudgetExceededError",
     "BudgetLedger",
     "BundleError",
+    "Conversation",
     "GenerationResult",
     "GenerationStream",
     "LedgerError",

@@ -22,7 +22,7 @@ from client_sdk.errors import BundleError
 from client_sdk.mechanism import MechanismParams
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.schemas import BundleInfo, ProjectionInfo
-from client_sdk.spans import Message, Placeholders, TokenSpan, as_messages, token_spans
+from client_sdk.spans import Conversation, Message, TokenSpan, as_messages, token_spans
 from client_sdk.templates import SHIPPED, known_templates, template_sha256
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("VEIL_CACHE_DIR", Path.home() / ".cache" / "veil"))
@@ -182,7 +182,7 @@ class ClientBundle:
                              suggested_mu=self.info.defaults.mu, allow_looser_suggestion=allow_looser_bundle)
 
     def spans(self, messages: list[Message], *, chat: bool = True,
-              placeholders: Placeholders | None = None) -> list[TokenSpan]:
+              conversation: Conversation | None = None) -> list[TokenSpan]:
         """The prompt's public and private token spans, after the chat template when the bundle has one and
         `chat` is on (see client_sdk.spans)."""
         if chat and self.info.chat_template and self._template is None:
@@ -191,7 +191,7 @@ class ClientBundle:
                               f"Pass chat=False, or the template's text as chat_templates=[...] once you have "
                               f"vetted it")
         spans = token_spans(self.tokenizer, messages, template=self._template if chat else None,
-                            bos=self.info.bos_token or "", eos=self.info.eos_token or "", placeholders=placeholders)
+                            bos=self.info.bos_token or "", eos=self.info.eos_token or "", conversation=conversation)
         total = sum(len(s.ids) for s in spans)
         if total == 0:
             raise ValueError("the prompt tokenizes to nothing")

@@ -48,9 +48,13 @@ class _AsyncChunks(httpx.AsyncByteStream):
             yield self.cap.count(chunk)
 
 
+DECODED = ("content-length", "content-encoding", "transfer-encoding")
+"""Headers that describe the body as sent, not as decoded: left out of the capped response."""
+
+
 def _body_of(response: httpx.Response, stream: httpx.SyncByteStream | httpx.AsyncByteStream) -> httpx.Response:
-    return httpx.Response(response.status_code, headers={"content-type": response.headers.get("content-type", "")},
-                          stream=stream, request=response.request)
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in DECODED]
+    return httpx.Response(response.status_code, headers=headers, stream=stream, request=response.request)
 
 
 def capped(response: httpx.Response, limit: int, what: str, error: type[VeilError]) -> httpx.Response:

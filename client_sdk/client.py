@@ -7,6 +7,7 @@ ledger before any byte leaves, and reading the server's answers (restoring place
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from client_sdk.mechanism import MechanismParams, secure_rng
 from client_sdk.policy import PrivacyPolicy
 from client_sdk.privatize import privatize_spans
 from client_sdk.schemas import GenerateResponse
-from client_sdk.spans import Message, Placeholders, as_messages
+from client_sdk.spans import Conversation, Message, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
 SENT = "the prompt was sent and its privacy charged"
@@ -51,12 +52,13 @@ class GenerationResult(GenerateResponse):
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A privatized prompt ready to send, with its privacy cost and the placeholders to restore in the answer."""
+    """A privatized prompt ready to send, with its privacy cost and the conversation whose placeholders the answer
+    is restored from."""
 
     payload: bytes
     params: MechanismParams
     report: PrivacyReport
-    placeholders: Placeholders = field(repr=False)
+    conversation: Conversation = field(repr=False)
 
     @property
     def charge_id(self) -> str:
@@ -92,11 +94,17 @@ class _ClientCore:
             ledger = default_ledger_path()
         self.ledger = BudgetLedger(ledger) if isinstance(ledger, (str, Path)) else (ledger or None)
         self.budget_key = budget_key
-        if self.ledger is not None:
-            self.ledger.set_limits(budget_key, per_prompt_epsilon=self.policy.epsilon_per_prompt,
-                                   total_epsilon=self.policy.epsilon_total, delta=self.policy.delta)
+        self._limited_keys: set[str] = set()
+        self.limit(budget_key)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR / "files"
         self._rng = secure_rng(seed) if seed is not None else None  # None: fresh OS seed per call
+
+    def limit(self, budget_key: str) -> None:
+        """Make the policy's caps the ledger's limits for `budget_key` (once per key and client)."""
+        if self.ledger is not None and budget_key not in self._limited_keys:
+            self.ledger.set_limits(budget_key, per_prompt_epsilon=self.policy.epsilon_per_prompt,
+                                   total_epsilon=self.policy.epsilon_total, delta=self.policy.delta)
+            self._limited_keys.add(budget_key)
 
     def fetch_bundle(self, base_url: httpx.URL) -> Generator[tuple[httpx.URL | str, int, str], httpx.Response,
                                                               ClientBundle]:
@@ -114,25 +122,29 @@ class _ClientCore:
             store_verified(self.cache_dir, response.content, sha, what)
         return ClientBundle.from_cache(info, self.cache_dir, self.chat_templates)
 
-    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool) -> PreparedPrompt:
+    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool,
+                conversation: Conversation | None) -> PreparedPrompt:
         params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
                                   allow_looser_bundle=self.allow_looser_bundle)
         projection = bundle.projection(self.projection_id)
-        placeholders = Placeholders()
-        spans = bundle.spans(as_messages(prompt), chat=chat, placeholders=placeholders)
+        conversation = conversation if conversation is not None else Conversation()
+        spans = bundle.spans(as_messages(prompt), chat=chat, conversation=conversation)
         payload = privatize_spans(spans, bundle.tables[projection.id], params, projection.id, self._rng)
         report = privacy_report(params, payload.private_tokens, self.policy.delta, public_tokens=payload.public_tokens)
-        return PreparedPrompt(wire.encode(payload), params, report, placeholders)
+        return PreparedPrompt(wire.encode(payload), params, report, conversation)
 
-    def charge(self, prepared: PreparedPrompt) -> None:
-        """Check the policy's per-prompt cap and reserve the prompt's epsilon in the ledger; raises
-        BudgetExceededError before anything is sent. A prompt without private tokens costs nothing."""
+    def charge(self, prepared: PreparedPrompt, budget_key: str | None = None) -> None:
+        """Check the policy's per-prompt cap and reserve the prompt's epsilon in the ledger under `budget_key`
+        (default: the client's); raises BudgetExceededError before anything is sent. A prompt without private
+        tokens costs nothing."""
         report, cap = prepared.report, self.policy.epsilon_per_prompt
         if cap is not None and report.epsilon > cap:
             raise BudgetExceededError(f"this prompt costs epsilon={report.epsilon:.4g} ({report.private_tokens} "
                                       f"private tokens), over the policy's per-prompt cap {cap:.4g}; nothing was sent")
+        key = budget_key or self.budget_key
+        self.limit(key)
         if self.ledger is not None and report.private_tokens:
-            self.ledger.reserve(self.budget_key, prepared.charge_id, report.epsilon, report.delta, prepared.mechanism)
+            self.ledger.reserve(key, prepared.charge_id, report.epsilon, report.delta, prepared.mechanism)
 
     def settle(self, prepared: PreparedPrompt, sent: bool) -> None:
         if self.ledger is None or not prepared.report.private_tokens:
@@ -144,9 +156,9 @@ class _ClientCore:
 
     def charged_request(self, http: httpx.Client | httpx.AsyncClient, prepared: PreparedPrompt, *,
                         max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                        stop: list[str] | None, stream: bool) -> httpx.Request:
+                        stop: list[str] | None, stream: bool, budget_key: str | None) -> httpx.Request:
         """Charge the budget (raising before anything is sent), then build the /v1/generate request."""
-        self.charge(prepared)
+        self.charge(prepared, budget_key)
         params: dict = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                         "stream": str(stream).lower()}
         if seed is not None:
@@ -160,12 +172,18 @@ class _ClientCore:
     def check(response: httpx.Response) -> None:
         if response.is_success:
             return
+        kind = None
         try:
             body = response.json()
             detail = body.get("detail") or body.get("error") or response.text
+            kind = body.get("error") if isinstance(body.get("error"), str) else None
         except (ValueError, AttributeError):
             detail = response.text
-        raise ServerError(response.status_code, str(detail))
+        try:
+            retry_after = float(response.headers["Retry-After"])
+        except (KeyError, ValueError):
+            retry_after = None
+        raise ServerError(response.status_code, str(detail), kind, retry_after)
 
     @staticmethod
     def result(body: str | bytes, prepared: PreparedPrompt) -> GenerationResult:
@@ -175,7 +193,7 @@ class _ClientCore:
         except ValidationError as err:
             raise ProtocolError(f"the server's answer is not a valid generation ({err.error_count()} problems, first: "
                                 f"{err.errors()[0]['msg']}); {SENT}") from None
-        answer.text = prepared.placeholders.restore(answer.text)
+        answer.text = prepared.conversation.restore(answer.text)
         return GenerationResult(**answer.model_dump(), privacy=prepared.report, bytes_sent=len(prepared.payload))
 
     @staticmethod
@@ -190,7 +208,8 @@ class _ClientCore:
             raise ProtocolError(f"the server's event stream sent {event!r} data that is not the API's JSON object: "
                                 f"{data[:80]!r}; {SENT}")
         if event == "error":
-            raise ServerError(200, str(body.get("detail", data)))
+            kind = body.get("error") if isinstance(body.get("error"), str) else None
+            raise ServerError(200, str(body.get("detail", data)), kind)
         if event == "done":
             return None, data
         return body.get("text", ""), None
@@ -205,8 +224,9 @@ class GenerationStream:
     """Iterate to get text chunks as the server generates them (placeholders restored, also when one is split
     across chunks); `result` is set once it ends."""
 
-    def __init__(self, chunks: Iterator[str]) -> None:
+    def __init__(self, chunks: Iterator[str], privacy: PrivacyReport, bytes_sent: int) -> None:
         self._chunks = chunks
+        self.privacy, self.bytes_sent = privacy, bytes_sent  # known before the first chunk
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -216,8 +236,9 @@ class GenerationStream:
 class AsyncGenerationStream:
     """Async twin of `GenerationStream`."""
 
-    def __init__(self, chunks: AsyncIterator[str] | None = None) -> None:
+    def __init__(self, chunks: AsyncIterator[str] | None, privacy: PrivacyReport, bytes_sent: int) -> None:
         self._chunks = chunks
+        self.privacy, self.bytes_sent = privacy, bytes_sent  # known before the first chunk
         self.result: GenerationResult | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -238,6 +259,9 @@ _COMMON_DOC = """
         SHA-256) besides those the SDK ships (client_sdk.templates); the server's own text is never rendered.
     A prompt is a string (one user message, private throughout) or a list of messages
     ({"role", "content", "public"?} dicts or Message), whose content may be parts (client_sdk.spans).
+    conversation (per call): a client_sdk.Conversation kept across the calls of one conversation, so that every
+        value marked in it is replaced or noised wherever it appears again, also in public or assistant turns,
+        and answers are restored only from the placeholders it issued; default: a fresh one per call.
 """
 
 
@@ -289,9 +313,9 @@ class PrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
+    def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(self.bundle, prompt, chat)
+        return self._core.prepare(self.bundle, prompt, chat, conversation)
 
     def generate(
         self,
@@ -304,12 +328,15 @@ class PrivateLLMClient:
         stop: list[str] | None = None,
         stream: bool = False,
         chat: bool = True,
+        budget_key: str | None = None,
+        conversation: Conversation | None = None,
     ) -> GenerationResult | GenerationStream:
-        """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
-        prepared = self.prepare(prompt, chat=chat)
+        """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
+        answer (or a stream of it)."""
+        prepared = self.prepare(prompt, chat=chat, conversation=conversation)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                             stream=stream)
+                                             stream=stream, budget_key=budget_key)
         try:
             response = self._http.send(request, stream=True)
         except httpx.ConnectError:
@@ -327,10 +354,10 @@ class PrivateLLMClient:
         finally:
             if not streaming:
                 response.close()
-        out = GenerationStream(iter(()))
+        out = GenerationStream(iter(()), prepared.report, len(prepared.payload))
 
         def chunks() -> Iterator[str]:
-            restorer = prepared.placeholders.stream_restorer()
+            restorer = prepared.conversation.stream_restorer()
             try:
                 for sse in EventSource(answer).iter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)
@@ -407,9 +434,10 @@ class AsyncPrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    async def prepare(self, prompt: Prompt, *, chat: bool = True) -> PreparedPrompt:
+    async def prepare(self, prompt: Prompt, *, chat: bool = True,
+                      conversation: Conversation | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(await self.get_bundle(), prompt, chat)
+        return self._core.prepare(await self.get_bundle(), prompt, chat, conversation)
 
     async def generate(
         self,
@@ -422,18 +450,22 @@ class AsyncPrivateLLMClient:
         stop: list[str] | None = None,
         stream: bool = False,
         chat: bool = True,
+        budget_key: str | None = None,
+        conversation: Conversation | None = None,
     ) -> GenerationResult | AsyncGenerationStream:
-        """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
-        prepared = await self.prepare(prompt, chat=chat)
-        request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
-                                             temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                             stream=stream)
+        """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
+        answer (or a stream of it)."""
+        prepared = await self.prepare(prompt, chat=chat, conversation=conversation)
+        # the ledger's durable writes run in a thread: one caller's fsync must not stall the event loop's others
+        request = await asyncio.to_thread(self._core.charged_request, self._http, prepared,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          seed=seed, stop=stop, stream=stream, budget_key=budget_key)
         try:
             response = await self._http.send(request, stream=True)
         except httpx.ConnectError:
-            self._core.settle(prepared, sent=False)
+            await asyncio.to_thread(self._core.settle, prepared, False)
             raise
-        self._core.settle(prepared, sent=True)
+        await asyncio.to_thread(self._core.settle, prepared, True)
         streaming = False
         try:
             answer = acapped(response, MAX_ANSWER_BYTES, ANSWER, ProtocolError)
@@ -445,10 +477,10 @@ class AsyncPrivateLLMClient:
         finally:
             if not streaming:
                 await response.aclose()
-        out = AsyncGenerationStream()
+        out = AsyncGenerationStream(None, prepared.report, len(prepared.payload))
 
         async def chunks() -> AsyncIterator[str]:
-            restorer = prepared.placeholders.stream_restorer()
+            restorer = prepared.conversation.stream_restorer()
             try:
                 async for sse in EventSource(answer).aiter_sse():
                     text, final = self._core.stream_event(sse.event, sse.data)

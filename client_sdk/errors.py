@@ -26,12 +26,16 @@ class BundleError(VeilError):
 
 
 class ServerError(VeilError):
-    """The server answered with an error; `status_code` and `detail` say which."""
+    """The server answered with an error; `status_code` and `detail` say which, `kind` is the server's error
+    name (e.g. "overloaded") and `retry_after` the seconds its Retry-After header asked for, when it sent them."""
 
-    def __init__(self, status_code: int, detail: str) -> None:
+    def __init__(self, status_code: int, detail: str, kind: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"server returned {status_code}: {detail}")
         self.status_code = status_code
         self.detail = detail
+        self.kind = kind
+        self.retry_after = retry_after
 
 
 class PolicyError(VeilError):

@@ -9,7 +9,8 @@ tuples, or write inline markup and call `markup()`: `[[Alice]]` is noised, `[[Al
 public placeholder `[PERSON_1]`. Treatments:
 - "noise": DEL levels on the wire, charged per token.
 - "placeholder": the device replaces the text by a typed public placeholder; the real text never leaves,
-  and the device restores it in the answer (`Placeholders.restore`, or `StreamRestorer` across chunks).
+  and the device restores it in the answer (`Conversation.restore`, or `StreamRestorer` across chunks;
+  a `Conversation` carries the placeholders from one prompt to the next).
 - "public": sent in the clear, never charged.
 
 Tokenization across span boundaries: each span is tokenized on its own, so private text never shares a
@@ -102,52 +103,150 @@ def as_messages(prompt: str | Sequence[Message | Mapping]) -> list[Message]:
     return messages
 
 
-class Placeholders:
-    """The device-side map from public placeholders to the text they stand for, for one prompt."""
+class Conversation:
+    """The device's memory of one conversation: the placeholders it issued and the values it noised.
+
+    Pass the same Conversation to every call of one conversation (`client.generate(messages,
+    conversation=conversation)`; an OpenAI-style gateway keeps one per conversation). Then:
+
+    - every occurrence of a value marked (or detected) anywhere in the conversation, in any message and whatever
+      that message's own marking (a public system prompt, an assistant turn sent back with its values restored),
+      gets the value's treatment: the same placeholder, or noise. A value both replaced and noised is replaced.
+      Matching is exact and case-sensitive, on word boundaries.
+    - an answer is restored only from placeholders this conversation issued: any other `[LABEL_n]` the server
+      writes stays as written, a placeholder inside a URL is not restored (a link would carry the value off the
+      device), and a placeholder cut off at the end of an answer (`[PERS`) is dropped, never half-restored.
+
+    `originals` maps each issued placeholder (`[PERSON_1]`) to its value; `restore(answer)` and
+    `stream_restorer()` put the values back. A new Conversation per prompt (the client's default) forgets.
+    """
 
     def __init__(self) -> None:
-        self._by_text: dict[tuple[str, str], str] = {}
+        self._by_text: dict[str, str] = {}
+        self._labels: dict[str, str] = {}
+        self._noised: set[str] = set()
         self.originals: dict[str, str] = {}
         self._counts: dict[str, int] = {}
 
     def public_text(self, part: Part) -> str:
-        """`[LABEL_n]` for this text (the same text gets the same placeholder)."""
-        key = (part.label, part.text)
-        if key not in self._by_text:
+        """`[LABEL_n]` for this text (the same text always gets the same placeholder)."""
+        if part.text not in self._by_text:
             self._counts[part.label] = self._counts.get(part.label, 0) + 1
             name = f"[{part.label}_{self._counts[part.label]}]"
-            self._by_text[key] = name
+            self._by_text[part.text] = name
+            self._labels[part.text] = part.label
             self.originals[name] = part.text
-        return self._by_text[key]
+        return self._by_text[part.text]
+
+    def parts(self, messages: Sequence[Message]) -> list[list[Part]]:
+        """Each message's parts with every known value given its treatment: first the values the messages mark
+        (placeholders issued, noised values remembered), then every occurrence of every value the conversation
+        knows, in every part, replaced or noised."""
+        marked = [m.parts() for m in messages]
+        for message, parts in zip(messages, marked):
+            for part in parts:
+                if part.treatment == "placeholder":
+                    self.public_text(part)
+                elif part.treatment == "noise" and not isinstance(message.content, str) and part.text.strip():
+                    self._noised.add(part.text)
+        pattern = self._values_pattern()
+        if pattern is None:
+            return marked
+        return [[piece for part in parts for piece in self._split(part, pattern)] for parts in marked]
+
+    def _values_pattern(self) -> re.Pattern[str] | None:
+        values = sorted(self._by_text.keys() | self._noised, key=len, reverse=True)
+        if not values:
+            return None
+        return re.compile("|".join(_bounded(v) for v in values))
+
+    def _split(self, part: Part, pattern: re.Pattern[str]) -> list[Part]:
+        if part.treatment == "placeholder":
+            return [part]
+        out, last = [], 0
+        for match in pattern.finditer(part.text):
+            value = match.group(0)
+            if value in self._by_text:
+                replaced = Part(value, "placeholder", self._labels[value])
+            elif part.treatment == "public":
+                replaced = Part(value, "noise")
+            else:
+                continue  # a noised value inside noised text: already noised
+            if match.start() > last:
+                out.append(Part(part.text[last : match.start()], part.treatment, part.label))
+            out.append(replaced)
+            last = match.end()
+        if last == 0:
+            return [part]
+        if last < len(part.text):
+            out.append(Part(part.text[last:], part.treatment, part.label))
+        return out
 
     @property
     def forms(self) -> dict[str, str]:
         """Every way the answer may repeat a placeholder, `[PERSON_1]` or bare `PERSON_1`, and its original text."""
         return {**{name[1:-1]: text for name, text in self.originals.items()}, **self.originals}
 
-    def restore(self, text: str) -> str:
-        """Put the original text back wherever the answer repeats a placeholder (with or without its brackets)."""
+    def restore(self, text: str, *, before: str = "", final: bool = True) -> str:
+        """The answer with each issued placeholder's value put back (bracketed or bare), except inside a URL; a
+        placeholder cut off at the end of the answer (`final`) is dropped. `before` is the answer's text before
+        `text`, as the server wrote it (a streamed chunk's left context): it decides word boundaries and URLs,
+        and is not returned."""
         if not self.originals:
             return text
-        forms = self.forms
-        pattern = "|".join(re.escape(f) if f.startswith("[") else rf"\b{re.escape(f)}\b"
+        forms, full = self.forms, before + text
+        pattern = "|".join(re.escape(f) if f.startswith("[") else rf"(?<!\[)\b{re.escape(f)}\b(?!\])"
                            for f in sorted(forms, key=len, reverse=True))
-        return re.sub(pattern, lambda m: forms[m.group(0)], text)
+        end = max(len(before), len(full) - _cut_placeholder(full, self.originals)) if final else len(full)
+        out, last = [], len(before)
+        for match in re.compile(pattern).finditer(full, len(before), end):
+            if _in_url(_last_word(full[: match.start()])):
+                continue
+            out += [full[last : match.start()], forms[match.group(0)]]
+            last = match.end()
+        out.append(full[last:end])
+        return "".join(out)
 
     def stream_restorer(self) -> "StreamRestorer":
         return StreamRestorer(self)
 
 
+def _last_word(text: str) -> str:
+    """The text's last whitespace-delimited word, with the whitespace before it."""
+    cut = max(text.rfind(c) for c in " \t\n\r")
+    return text[max(cut, 0) :]
+
+
+def _in_url(word: str) -> bool:
+    return "://" in word or "www." in word
+
+
+def _bounded(value: str) -> str:
+    """A regex for `value` as a whole word (no word character glued to either end)."""
+    left = r"(?<!\w)" if re.match(r"\w", value) else ""
+    right = r"(?!\w)" if re.search(r"\w\Z", value) else ""
+    return left + re.escape(value) + right
+
+
+def _cut_placeholder(text: str, names: Mapping[str, str]) -> int:
+    """The length of a proper prefix of an issued `[LABEL_n]` that ends the text (0 if none)."""
+    start = text.rfind("[", max(0, len(text) - max(len(n) for n in names)))
+    if start < 0:
+        return 0
+    tail = text[start:]
+    return len(tail) if any(n.startswith(tail) and n != tail for n in names) else 0
+
+
 class StreamRestorer:
     """Restores placeholders in a streamed answer, holding back a chunk's tail that may begin a placeholder."""
 
-    def __init__(self, placeholders: Placeholders) -> None:
-        self._placeholders = placeholders
+    def __init__(self, conversation: Conversation) -> None:
+        self._conversation = conversation
         self._held = self._context = ""
 
     def feed(self, chunk: str) -> str:
         text = self._held + chunk
-        names = self._placeholders.forms
+        names = self._conversation.forms
         hold = len(text)
         longest = max((len(n) for n in names), default=0)
         for i in range(max(0, len(text) - longest + 1), len(text)):
@@ -157,13 +256,16 @@ class StreamRestorer:
         return self._emit(text[:hold], text[hold:])
 
     def flush(self) -> str:
-        return self._emit(self._held, "")
+        """The rest of the answer, once it has ended."""
+        return self._emit(self._held, "", final=True)
 
-    def _emit(self, ready: str, held: str) -> str:
-        # the last character already emitted is the left context of a bare `PERSON_1` (a word boundary or not)
+    def _emit(self, ready: str, held: str, final: bool = False) -> str:
+        # the answer's last word so far (as the server wrote it) is the left context of the next chunk: it decides
+        # a bare `PERSON_1`'s word boundary and whether a placeholder is inside a URL
         context = self._context
-        self._held, self._context = held, (context + ready)[-1:]
-        return self._placeholders.restore(context + ready)[len(context) :]
+        self._held = held
+        self._context = _last_word(context + ready)
+        return self._conversation.restore(ready, before=context, final=final)
 
 
 @dataclass(frozen=True)
@@ -178,29 +280,26 @@ _MARKER = "\ue000{}\ue001"  # private-use code points: a message's place in the 
 
 
 def _text_pieces(messages: list[Message], template, bos: str, eos: str,
-                 placeholders: Placeholders) -> list[tuple[str, bool]]:
+                 conversation: Conversation) -> list[tuple[str, bool]]:
     """(text, private) pieces of the whole prompt, in order, after the chat template (when given)."""
-    def pieces_of(message: Message) -> list[tuple[str, bool]]:
-        out = []
-        for part in message.parts():
-            if part.treatment == "placeholder":
-                out.append((placeholders.public_text(part), False))
-            else:
-                out.append((part.text, part.treatment == "noise"))
-        return out
+    message_parts = conversation.parts(messages)
+
+    def pieces_of(i: int) -> list[tuple[str, bool]]:
+        return [(conversation.public_text(part), False) if part.treatment == "placeholder"
+                else (part.text, part.treatment == "noise") for part in message_parts[i]]
 
     if template is None:
-        return [piece for m in messages for piece in pieces_of(m)]
+        return [piece for i in range(len(messages)) for piece in pieces_of(i)]
     rendered = template.render(messages=[{"role": m.role, "content": _MARKER.format(i)} for i, m in enumerate(messages)],
                                add_generation_prompt=True, bos_token=bos, eos_token=eos)
     pieces, rest = [], rendered
-    for i, message in enumerate(messages):
+    for i in range(len(messages)):
         before, found, rest = rest.partition(_MARKER.format(i))
         if not found or _MARKER.format(i) in rest:
             raise BundleError("the chat template does not place each message's content once, in order; "
                               "it cannot be split into public and private spans")
         pieces.append((before, False))
-        pieces.extend(pieces_of(message))
+        pieces.extend(pieces_of(i))
     pieces.append((rest, False))
     return pieces
 
@@ -225,11 +324,12 @@ def _merge(pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
 
 
 def token_spans(tokenizer: Tokenizer, messages: list[Message], *, template=None, bos: str = "", eos: str = "",
-                placeholders: Placeholders | None = None) -> list[TokenSpan]:
-    """Tokenize a prompt span by span; without a template, the tokenizer's own special prefix (e.g. BOS) is public."""
-    placeholders = placeholders if placeholders is not None else Placeholders()
+                conversation: Conversation | None = None) -> list[TokenSpan]:
+    """Tokenize a prompt span by span; without a template, the tokenizer's own special prefix (e.g. BOS) is public.
+    `conversation` (default: a fresh one) issues the placeholders and gives known values their treatment."""
+    conversation = conversation if conversation is not None else Conversation()
     tokenized = [(private, tokenizer.encode(text, add_special_tokens=False).ids)
-                 for text, private in _merge(_text_pieces(messages, template, bos, eos, placeholders))]
+                 for text, private in _merge(_text_pieces(messages, template, bos, eos, conversation))]
     if template is None:
         tokenized.insert(0, (False, tokenizer.encode("", add_special_tokens=True).ids))
     spans: list[TokenSpan] = []

@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import save
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger, BundleError, Part, PolicyError,
+from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger, BundleError, Conversation, Part,
+                        PolicyError,
                         PrivacyPolicy, PrivateLLMClient, ServerError, default_ledger_path, markup, privacy_report,
                         wire)
 from client_sdk.bundle import sha256_hex
@@ -153,6 +154,22 @@ def test_placeholders_never_leave_the_device_and_are_restored(server, tmp_path) 
         assert {ID["PERSON_1"], ID["CITY_1"], ID["["]} <= set(payload.public_ids.tolist())
     assert plain.text == "hello paris is in france" == "".join(chunks) == stream.result.text
     assert all("[" not in c for c in chunks)  # a placeholder split across chunks is held back, then restored
+
+
+def test_a_conversation_keeps_its_values_off_the_wire_in_later_public_turns(server, tmp_path) -> None:
+    server.chunks = ["hello [PER", "SON_1]"]
+    conversation = Conversation()
+    with make_client(server, tmp_path) as client:
+        first = client.generate([{"role": "user", "content": [Part("paris", "placeholder", "PERSON")]}],
+                                conversation=conversation)
+        assert first.text == "hello paris"
+        later = [{"role": "assistant", "content": first.text, "public": True},
+                 {"role": "user", "content": "hello", "public": True}]
+        assert client.generate(later, conversation=conversation).text == "hello paris"
+        client.generate(later)  # without the conversation, the restored value goes out in the clear
+    with_conversation, without = (wire.decode(r.content).public_ids.tolist() for r in server.generate_requests()[1:])
+    assert ID["paris"] not in with_conversation and ID["PERSON_1"] in with_conversation
+    assert ID["paris"] in without
 
 
 def test_multi_turn_messages_round_trip(server, tmp_path) -> None:

@@ -82,3 +82,30 @@ def test_shipped_artifacts_match_this_model_and_serve_the_default_settings(smoll
     assert privacy.mu_clt == pytest.approx(settings.default_mu, rel=1e-6)  # the suggestion fits the default policy
     # a chat prompt (public template) gets no WikiText soft prompt, and the answer is plain English
     assert result.soft_prompt is None and not re.search(r"<unk>|@unk|@-@", result.text), result.text
+
+
+def test_the_gateway_answers_an_openai_client_as_the_sdk_does(smollm2: ModelRunner, tmp_path: Path) -> None:
+    import openai
+
+    from client_sdk import AsyncPrivateLLMClient
+    from client_sdk.gateway import GatewayConfig, create_gateway
+    from client_sdk.spans import markup
+
+    prompt = "Write a one-line birthday greeting for [[Ann Smith|PERSON]]."
+    settings = ServerSettings(cache_dir=tmp_path, soft_prompt_dir=tmp_path / "none")
+    ask = dict(max_tokens=24, temperature=0.0)
+    with LoopbackServer(create_app(settings, runner=smollm2)) as server:
+        with PrivateLLMClient(server.url, cache_dir=tmp_path / "c", ledger=False, seed=1) as sdk:
+            message = [{"role": "user", "content": markup(prompt)}]
+            single = sdk.generate(message, max_new_tokens=24)
+            streamed = "".join(sdk.generate(message, max_new_tokens=24, stream=True))
+        client = AsyncPrivateLLMClient(server.url, cache_dir=tmp_path / "c", ledger=False, seed=1)
+        with LoopbackServer(create_gateway(client, GatewayConfig(mode="markup"))) as gw:
+            oa = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+            messages = [{"role": "user", "content": prompt}]
+            answer = oa.chat.completions.create(model="smollm2", messages=messages, **ask)
+            chunks = oa.chat.completions.create(model="smollm2", messages=messages, stream=True, **ask)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert answer.choices[0].message.content == single.text and text == streamed
+    assert "Ann Smith" in text  # the model wrote [PERSON_1]; the gateway restored it as the stream went
+    assert answer.veil["placeholders"] == 1 and answer.veil["epsilon"] == 0  # the name never left, in any form

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from client_sdk.spans import Message, Part, Placeholders, as_messages, markup, token_spans
+from client_sdk.spans import Conversation, Message, Part, as_messages, markup, token_spans
 
 
 def test_markup_marks_noise_and_placeholders_and_leaves_the_rest_public() -> None:
@@ -27,16 +27,62 @@ def test_the_default_is_private_throughout() -> None:
 @settings(max_examples=200, deadline=None)
 @given(cuts=st.lists(st.integers(0, 60), max_size=8))
 def test_placeholders_are_restored_however_the_answer_is_chunked(cuts: list[int]) -> None:
-    placeholders = Placeholders()
+    placeholders = Conversation()
     person = placeholders.public_text(Part("Ann", "placeholder", "PERSON"))
     city = placeholders.public_text(Part("Bath", "placeholder", "CITY"))
     assert (person, city) == ("[PERSON_1]", "[CITY_1]")
     assert placeholders.public_text(Part("Ann", "placeholder", "PERSON")) == person  # same text, same name
-    answer = f"[{person} met [x] {city} and {person}, PERSON_1: hi XPERSON_1 [PERSON_"
+    answer = (f"[{person} met [x] {city} and {person}, PERSON_1: hi XPERSON_1 [PERSON_2] see "
+              f"https://x.example/?q={person}&r=PERSON_1 or www.x.example/{city} then {city} [PERSON_")
     bounds = sorted({0, len(answer), *[c for c in cuts if c < len(answer)]})
     restorer = placeholders.stream_restorer()
     out = "".join(restorer.feed(answer[a:b]) for a, b in zip(bounds, bounds[1:])) + restorer.flush()
-    assert out == placeholders.restore(answer) == "[Ann met [x] Bath and Ann, Ann: hi XPERSON_1 [PERSON_"
+    assert out == placeholders.restore(answer) == (
+        "[Ann met [x] Bath and Ann, Ann: hi XPERSON_1 [PERSON_2] see "
+        "https://x.example/?q=[PERSON_1]&r=PERSON_1 or www.x.example/[CITY_1] then Bath ")
+
+
+@pytest.mark.parametrize("cut", ["[", "[P", "[PERSON", "[PERSON_1"])
+def test_a_placeholder_cut_off_at_the_end_is_dropped_not_half_restored(cut: str) -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann Smith", "placeholder", "PERSON"))
+    assert conversation.restore(f"Dear [PERSON_1], see you, {cut}") == "Dear Ann Smith, see you, "
+    restorer = conversation.stream_restorer()
+    assert restorer.feed("Dear [PERSON_1], see you, ") + restorer.feed(cut) + restorer.flush() == \
+        "Dear Ann Smith, see you, "
+
+
+def test_a_placeholder_the_conversation_never_issued_is_not_restored() -> None:
+    conversation = Conversation()
+    conversation.parts([Message("user", markup("Call [[Ann|PERSON]] at [[the office|PLACE]]"))])
+    later = Conversation()  # another conversation's placeholders mean nothing here
+    assert conversation.restore("[PERSON_1] [PLACE_1] [PERSON_2] [ACCOUNT_1]") == "Ann the office [PERSON_2] [ACCOUNT_1]"
+    assert later.restore("[PERSON_1] [PLACE_1]") == "[PERSON_1] [PLACE_1]"
+
+
+def test_a_marked_value_gets_its_treatment_everywhere_in_the_conversation() -> None:
+    conversation = Conversation()
+    messages = [Message("system", "Ann Smith's assistant. Bath is home. Annabel and Bathsheba are not.", public=True),
+                Message("user", markup("Email [[Ann Smith|PERSON]] in [[Bath]] about Ann Smith.")),
+                Message("user", "Is Ann Smith in Bath?")]
+    parts = conversation.parts(messages)
+    assert parts[0] == [Part("Ann Smith", "placeholder", "PERSON"), Part("'s assistant. ", "public"),
+                        Part("Bath", "noise"), Part(" is home. Annabel and Bathsheba are not.", "public")]
+    assert parts[1][-2:] == [Part("Ann Smith", "placeholder", "PERSON"), Part(".", "public")]
+    assert parts[2] == [Part("Is ", "noise"), Part("Ann Smith", "placeholder", "PERSON"), Part(" in Bath?", "noise")]
+
+
+def test_a_restored_answer_sent_back_as_a_public_turn_keeps_its_values_on_the_device() -> None:
+    conversation, tokenizer = Conversation(), word_tokenizer()
+    first = [Message("user", [Part("hi ", "public"), Part("ann", "placeholder", "PERSON"), Part(" ", "public")])]
+    token_spans(tokenizer, first, conversation=conversation)
+    answer = conversation.restore("hi [PERSON_1] ")
+    assert answer == "hi ann "
+    # the next call sends the answer back as a public turn, and the earlier marking is not repeated
+    second = [Message("assistant", answer, public=True), Message("user", "met bob ?", public=True)]
+    assert tokenizer.token_to_id("ann") in token_spans(tokenizer, second)[0].ids  # without the conversation
+    public = [t for s in token_spans(tokenizer, second, conversation=conversation) if not s.private for t in s.ids]
+    assert tokenizer.token_to_id("ann") not in public
 
 
 def word_tokenizer() -> Tokenizer:
