@@ -11,8 +11,8 @@ from safetensors.numpy import save
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger, BundleError, Part, PolicyError,
-                        PrivacyPolicy, PrivateLLMClient, ServerError, default_ledger_path, markup, privacy_report,
-                        wire)
+                        PrivacyPolicy, PrivateLLMClient, ServerError, VeilError, default_ledger_path, markup,
+                        privacy_report, wire)
 from client_sdk.bundle import sha256_hex
 from client_sdk.mechanism import MechanismParams
 from client_sdk.policy import epsilon_per_token
@@ -225,25 +225,77 @@ def test_bundle_urls_off_the_servers_origin_are_refused(server, tmp_path, url) -
     assert all(r.url.host == "fake" and r.url.port is None for r in server.requests)
 
 
-def test_bundle_hashes_must_be_hex(server, tmp_path) -> None:
-    server.info.tokenizer_sha256 = "../" * 20 + "etc/passwd"
+@pytest.mark.parametrize("sha", ["../" * 20 + "etc/passwd", "ab" * 31 + "c", "ab" * 32 + "c", "AB" * 32, "ab" * 32 + "\n"])
+def test_bundle_hashes_must_be_64_lowercase_hex_characters(server, tmp_path, sha) -> None:
+    server.info.tokenizer_sha256 = sha
     with pytest.raises(BundleError, match="not a SHA-256"):
         make_client(server, tmp_path).bundle
+    assert [r.url.path for r in server.requests] == ["/v1/bundle"]  # refused before any file is fetched
 
 
 def test_over_budget_is_refused_before_any_byte_leaves(server, tmp_path) -> None:
     one = privacy_report(MechanismParams.from_mu(5.0, bits=4, dim=DIM, clip=CLIP), 5).epsilon
     policy = PrivacyPolicy(epsilon_per_token=POLICY.epsilon_per_token, epsilon_total=3.5 * one)
     with make_client(server, tmp_path, policy=policy) as client:
-        client.generate("the capital of france is")
-        client.generate("the capital of france is paris")
-        sent_before = len(server.generate_requests())
+        answered = 0
         with pytest.raises(BudgetExceededError, match="composed"):
             for _ in range(10):
                 client.generate("the capital of france is")
+                answered += 1
         assert client.ledger.pending("default") == []
+        charges = client.ledger.spent("default").charges
+    # the refused prompt sent nothing: the server saw exactly the prompts that were answered, each charged once
+    assert len(server.generate_requests()) == answered == charges
     # composition is tighter than adding: more than 3 prompts of epsilon `one` fit under 3.5 * one
-    assert len(server.generate_requests()) - sent_before >= 2
+    assert answered > 3
+
+
+def test_a_prompt_over_the_per_prompt_cap_sends_nothing(server, tmp_path) -> None:
+    policy = PrivacyPolicy(epsilon_per_token=POLICY.epsilon_per_token, epsilon_per_prompt=POLICY.epsilon_per_token)
+    with make_client(server, tmp_path, policy=policy) as client:
+        with pytest.raises(BudgetExceededError, match="per-prompt"):
+            client.generate("the capital of france is")
+        assert client.ledger.spent("default").charges == 0
+    assert server.generate_requests() == []
+
+
+def failing_send(server: FakeServer, error: type[httpx.TransportError]):
+    """The fake server's handler, except that /v1/generate fails with `error` (after reading the request)."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/generate":
+            request.read()
+            raise error("simulated", request=request)
+        return server.handle(request)
+    return handle
+
+
+# Only a refused connection proves the payload never left; past that (a timeout, a dropped connection) it may have
+# reached the server, so its charge stays.
+SEND_FAILURES = [(httpx.ConnectError, 0), (httpx.ReadTimeout, 1), (httpx.WriteTimeout, 1), (httpx.ReadError, 1),
+                 (httpx.RemoteProtocolError, 1)]
+
+
+@pytest.mark.parametrize(("error", "charges"), SEND_FAILURES)
+def test_a_failed_send_releases_the_charge_only_when_nothing_can_have_left(server, tmp_path, error, charges) -> None:
+    with PrivateLLMClient("http://fake", transport=httpx.MockTransport(failing_send(server, error)), policy=POLICY,
+                          cache_dir=tmp_path / "cache", ledger=tmp_path / "l.db") as client:
+        with pytest.raises((httpx.HTTPError, VeilError)):
+            client.generate("the capital of france is")
+        assert client.ledger.spent("default").charges == charges
+
+
+@pytest.mark.parametrize(("error", "charges"), SEND_FAILURES)
+def test_the_async_client_releases_the_charge_only_when_nothing_can_have_left(server, tmp_path, error,
+                                                                               charges) -> None:
+    async def run() -> int:
+        async with AsyncPrivateLLMClient("http://fake", transport=httpx.MockTransport(failing_send(server, error)),
+                                         policy=POLICY, cache_dir=tmp_path / "cache",
+                                         ledger=tmp_path / "l.db") as client:
+            with pytest.raises((httpx.HTTPError, VeilError)):
+                await client.generate("the capital of france is")
+            return client.ledger.spent("default").charges
+
+    assert asyncio.run(run()) == charges
 
 
 def test_streaming_yields_chunks_then_the_result(server, tmp_path) -> None:
