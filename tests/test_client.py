@@ -298,6 +298,24 @@ def test_the_async_client_releases_the_charge_only_when_nothing_can_have_left(se
     assert asyncio.run(run()) == charges
 
 
+def test_a_seeded_client_privatizes_reproducibly_and_an_unseeded_one_does_not(server, tmp_path) -> None:
+    def payload(seed: int | None) -> bytes:
+        return make_client(server, tmp_path, seed=seed).prepare("the capital of france is").payload
+
+    assert payload(5) == payload(5) != payload(6)
+    assert payload(None) != payload(None)
+
+
+def test_a_prompt_without_a_template_is_private_throughout(server, tmp_path) -> None:
+    with make_client(server, tmp_path) as client:
+        prepared = client.prepare("the capital of france is", chat=False)
+        result = client.generate("the capital of france is", chat=False)
+    assert (prepared.report.private_tokens, prepared.report.public_tokens) == (5, 0)
+    received = server.received[-1]
+    assert (received.private_tokens, received.public_tokens, result.prompt_tokens) == (5, 0, 5)
+    assert len(received.spans) == 1
+
+
 def test_streaming_yields_chunks_then_the_result(server, tmp_path) -> None:
     with make_client(server, tmp_path) as client:
         stream = client.generate("paris", stream=True)
