@@ -50,6 +50,7 @@ class FakeServer:
         )
         self.decode_dim = DIM
         self.chunks = ["par", "is"]
+        self.stream_error: dict | None = None
         self.requests: list[httpx.Request] = []
         self.received: list[wire.Payload] = []
 
@@ -73,6 +74,8 @@ class FakeServer:
             answer = GenerateResponse(text=text, prompt_tokens=payload.tokens, completion_tokens=1, timings={})
             if request.url.params.get("stream") == "true":
                 body = "".join(f"data: {json.dumps({'text': c})}\n\n" for c in self.chunks)
+                if self.stream_error:
+                    body += f"event: error\ndata: {json.dumps(self.stream_error)}\n\n"
                 body += f"event: done\ndata: {answer.model_dump_json()}\n\n"
                 return httpx.Response(200, content=body.encode(), headers={"Content-Type": "text/event-stream"})
             return httpx.Response(200, json=answer.model_dump())
@@ -189,9 +192,11 @@ def test_a_looser_server_suggestion_is_refused(server, tmp_path) -> None:
     assert result.privacy.mu_clt <= 5.0 + 1e-6 and result.privacy.epsilon_per_token <= POLICY.epsilon_per_token
 
 
-def test_the_default_ledger_exists_after_the_first_call_and_survives_a_restart(server, tmp_path) -> None:
+def test_the_default_ledger_exists_after_the_first_call_and_survives_a_restart(server, tmp_path,
+                                                                                private_data_dir) -> None:
     path = default_ledger_path()
-    assert str(path).startswith(str(tmp_path)) and not path.exists()  # the autouse fixture isolates it
+    # where every version looks for it (a moved ledger would start again from zero); the autouse fixture isolates it
+    assert path == private_data_dir / "veil" / "ledger.db" and not path.exists()
     with make_client(server, tmp_path, ledger=None) as client:
         first = client.generate("the capital of france is")
     assert path.exists()
@@ -351,4 +356,33 @@ def test_async_client(server, tmp_path) -> None:
 
     plain, streamed, sent = asyncio.run(run())
     assert plain == streamed == "hello paris" and sent == wire.payload_size(0, DIM, 2, public=8, spans=1)
-    assert server.received[0].params.bits == 2
+    assert server.received[0].params == MechanismParams.from_mu(2.0, bits=2, dim=DIM, clip=CLIP)
+
+
+def test_both_clients_pass_on_their_settings(server, tmp_path) -> None:
+    """The key, mu, bits and projection given to either client are the ones used."""
+    pid = server.info.projections[0].id
+    settings = dict(api_key="k-123", mu=50.0, bits=3, projection_id=pid, policy=PrivacyPolicy(epsilon_per_token=1e9),
+                    cache_dir=tmp_path / "cache", ledger=False, transport=httpx.MockTransport(server.handle))
+    with PrivateLLMClient("http://fake", **settings) as client:
+        client.generate("the capital of france is")
+
+    async def run() -> None:
+        async with AsyncPrivateLLMClient("http://fake", **settings) as client:
+            await client.generate("the capital of france is")
+
+    asyncio.run(run())
+    expected = MechanismParams.from_mu(50.0, bits=3, dim=DIM, clip=CLIP)
+    assert [(p.params, p.projection_id) for p in server.received] == [(expected, pid)] * 2
+    assert {r.headers.get("authorization") for r in server.requests} == {"Bearer k-123"}
+
+
+def test_an_error_event_mid_stream_raises_a_server_error(server, tmp_path) -> None:
+    server.stream_error = {"error": "generation_failed", "detail": "the engine stopped"}
+    with make_client(server, tmp_path) as client:
+        stream = client.generate("paris", stream=True)
+        assert stream.result is None
+        with pytest.raises(ServerError) as caught:
+            list(stream)
+    assert (caught.value.status_code, caught.value.detail) == (200, "the engine stopped")
+    assert stream.result is None
