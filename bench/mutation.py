@@ -10,8 +10,8 @@ each mutant only against those. A module still running after --max-minutes is st
 reported as "not run". app/service.py is scored on its request side only (REQUEST_SIDE).
 
 Each surviving mutant is listed with its diff and a reason: the one written for it in bench/mutation_equivalent.json
-(why it is equivalent or harmless), "message wording" when it changes only the text of an error or log message
-(classified automatically), or "UNEXPLAINED". Score = (killed + timeouts) / checked mutants; "explained" adds the
+(why it is equivalent or harmless), two kinds classified automatically ("message wording": only the text of an
+error or log message; "SQL case": only the letter case of an SQL statement), or "UNEXPLAINED". Score = (killed + timeouts) / checked mutants; "explained" adds the
 survivors with a reason. Writes bench/results/mutation.json (results of every label) and bench/results/mutation.md.
 Not part of CI: a full run takes tens of minutes on two cores.
 """
@@ -132,6 +132,11 @@ def _tokens(line: str) -> list[tuple[int, str]]:
         return []
 
 
+def _is_key(tokens: list[tuple[int, str]], i: int) -> bool:
+    """The string at `i` is a subscript or a .get() key, not text."""
+    return (i >= 1 and tokens[i - 1][1] == "[") or (i >= 2 and [t[1] for t in tokens[i - 2:i]] == ["get", "("])
+
+
 def is_message_wording(diff: str) -> bool:
     """The mutant changes only string literals, inside a statement that raises, warns, logs or prints."""
     lines = diff.splitlines()
@@ -141,8 +146,9 @@ def is_message_wording(diff: str) -> bool:
         return False
     before, after = _tokens(lines[removed[0]][1:]), _tokens(added[0])
     strings = (tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING))
-    if not before or len(before) != len(after) or any(
-            a != b and not (a[0] == b[0] and a[0] in strings) for a, b in zip(before, after)):
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    if not before or len(before) != len(after) or any(before[i][0] != after[i][0] or before[i][0] not in strings
+                                                       or _is_key(before, i) for i in changed):
         return False
     for line in reversed(lines[:removed[0] + 1]):  # the statement's first line, within the diff's context
         text = line[1:]
@@ -153,9 +159,22 @@ def is_message_wording(diff: str) -> bool:
     return False
 
 
+SQL = re.compile(r"""^[-+]\s*.*?(["'])\s*(SELECT|UPDATE|DELETE|INSERT)\b""", re.IGNORECASE)
+
+
+def is_sql_case(diff: str) -> bool:
+    """The mutant changes only the letter case of an SQL statement, none of its quoted values."""
+    changed = [line[1:] for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")]
+    return (len(changed) == 2 and changed[0] != changed[1] and changed[0].lower() == changed[1].lower()
+            and all(SQL.match("-" + line) for line in changed)
+            and re.findall(r"'[^']*'", changed[0]) == re.findall(r"'[^']*'", changed[1]))
+
+
 def reason_for(name: str, diff: str, equivalent: dict[str, str]) -> str:
     if name in equivalent:
         return equivalent[name]
+    if is_sql_case(diff):
+        return "equivalent (auto): SQL keywords and identifiers are case-insensitive; the quoted values are unchanged"
     if is_message_wording(diff):
         return "message wording (auto): changes only the text of an error or log message"
     return "UNEXPLAINED"
