@@ -1,7 +1,7 @@
 """Mutation testing of the privacy-critical modules with mutmut 3, one module at a time.
 
     veil bench mutation [--module client_sdk/budget.py ...] [--label after] [--tests-ref REF] [--max-minutes 20]
-                        [--max-children 1]
+                        [--max-children 1] [--rescore]
 
 For each module: a scratch copy of client_sdk/, app/ and tests/ (the tests as of git REF with --tests-ref, to score the
 suite before new tests), whose pyproject's [tool.mutmut] mutates only that module and selects the tests that exercise
@@ -120,7 +120,8 @@ def run_module(module: str, tests_ref: str | None, max_minutes: float, children:
 
 
 def show(root: Path, name: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=root, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=root, capture_output=True, text=True,
+                         check=False)
     return "\n".join(line for line in out.stdout.splitlines() if not line.startswith("#")).strip()
 
 
@@ -197,11 +198,11 @@ def summarize(run: dict, equivalent: dict[str, str]) -> dict:
 
 def write_table(results: dict) -> None:
     lines = ["# Mutation score of the privacy-critical modules (mutmut 3)", "",
-             "Reproduce: `python -m app.cli bench mutation` (after), "
-             "`python -m app.cli bench mutation --label before --tests-ref 7f3407a` (before, the tests before issue 26).",
+             ("Reproduce: `python -m app.cli bench mutation` (after), "
+              "`python -m app.cli bench mutation --label before --tests-ref 7f3407a` (before, the tests before issue 26)."),
              "Score = (killed + timeouts) / checked; explained = also counting survivors with a stated reason.", "",
-             "| module | label | mutants | checked | killed | survived | no tests | not run | score | explained | "
-             "unexplained | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| module | label | mutants | checked | killed | survived | no tests | not run | score | explained | "
+              "unexplained | minutes |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, modules in sorted(results.items(), key=lambda kv: kv[0] != "before"):
         total = Counter()
         for module, r in modules.items():
@@ -232,9 +233,21 @@ def main() -> None:
     parser.add_argument("--tests-ref", help="git ref whose tests/ to run (default: the working tree's)")
     parser.add_argument("--max-minutes", type=float, default=20.0, help="stop a module after this long")
     parser.add_argument("--max-children", type=int, default=1, help="mutants run at once")
+    parser.add_argument("--rescore", action="store_true",
+                        help="run nothing: reclassify the stored survivors (after editing the reasons) and rewrite")
     args = parser.parse_args()
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.rescore:
+        for modules in results.values():
+            for module, r in modules.items():
+                for s in r["survivors"]:
+                    s["reason"] = reason_for(s["mutant"], s["diff"], equivalent)
+                explained = sum(s["reason"] != "UNEXPLAINED" for s in r["survivors"])
+                r["unexplained"] = len(r["survivors"]) - explained
+                r["score_with_explained"] = round((r["killed"] + explained) / r["checked"], 4) if r["checked"] else None
+        save(results)
+        return
     for module in args.module or list(MODULES):
         print(f"{module}: mutating ({args.label})", flush=True)
         summary = summarize(run_module(module, args.tests_ref, args.max_minutes, args.max_children), equivalent)
@@ -242,11 +255,15 @@ def main() -> None:
         print(f"  {summary['killed']}/{summary['checked']} killed ({summary['score']:.1%}), "
               f"{summary['unexplained']} unexplained survivors, {summary['minutes']} min"
               f"{', stopped early' if summary['stopped_early'] else ''}", flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RESULTS.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, RESULTS)
-        write_table(results)
+        save(results)
+
+
+def save(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, RESULTS)
+    write_table(results)
     print(f"wrote {RESULTS.relative_to(REPO)} and {TABLE.relative_to(REPO)}")
 
 
