@@ -10,7 +10,7 @@ each mutant only against those. A module still running after --max-minutes is st
 reported as "not run". app/service.py is scored on its request side only (REQUEST_SIDE).
 
 Each surviving mutant is listed with its diff and a reason: the one written for it in bench/mutation_equivalent.json
-(why it is equivalent or harmless), two kinds classified automatically ("message wording": only the text of an
+(why it is equivalent or harmless; applied only while the mutant's added line is still the one recorded), two kinds classified automatically ("message wording": only the text of an
 error or log message; "SQL case": only the letter case of an SQL statement), or "UNEXPLAINED". Score = (killed + timeouts) / checked mutants; "explained" adds the
 survivors with a reason. Writes bench/results/mutation.json (results of every label) and bench/results/mutation.md.
 Not part of CI: a full run takes tens of minutes on two cores.
@@ -172,8 +172,10 @@ def is_sql_case(diff: str) -> bool:
 
 
 def reason_for(name: str, diff: str, equivalent: dict[str, str]) -> str:
-    if name in equivalent:
-        return equivalent[name]
+    known = equivalent.get(name)
+    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    if known and known["change"] in added:  # the same mutant still (names are renumbered when the code changes)
+        return known["reason"]
     if is_sql_case(diff):
         return "equivalent (auto): SQL keywords and identifiers are case-insensitive; the quoted values are unchanged"
     if is_message_wording(diff):
