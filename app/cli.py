@@ -166,7 +166,7 @@ def demo(
 
 
 BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse",
-              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "gateway")
+              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "gateway", "mutation")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

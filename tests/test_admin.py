@@ -116,8 +116,16 @@ def test_dp_soft_prompt_jobs_charge_the_tenant_and_are_refused_past_the_limit(ad
     refused = admin.post("/admin/dp-soft-prompts", json={**body, "name": "acme-dp-2"}, headers=KEY)
     assert refused.status_code == 409 and "2 of 5" in refused.json()["detail"]
     assert len(admin.get("/admin/jobs", headers=KEY).json()) == 1  # refused before it was queued
-    assert admin.get("/admin/tenants/../budget", headers=KEY).status_code in (404, 422)
     assert admin.put("/admin/tenants/acme/budget", json={"epsilon": -1}, headers=KEY).status_code == 422
+
+
+@pytest.mark.parametrize("tenant", ["bad%20name!", "-leading-dash", "a" * 65, "semi%3Bcolon"])
+def test_tenant_budget_routes_refuse_names_outside_the_pattern(admin, tenant: str) -> None:
+    for method, body in (("GET", None), ("PUT", {"epsilon": 1.0})):
+        response = admin.request(method, f"/admin/tenants/{tenant}/budget", json=body, headers=KEY)
+        assert response.request.url.raw_path.decode() == f"/admin/tenants/{tenant}/budget"  # not normalised away
+        assert (response.status_code, response.json()["error"]) == (422, "invalid_parameter"), response.text
+    assert admin.get("/admin/tenants/good-name/budget", headers=KEY).status_code == 200
 
 
 def test_admin_changes_and_refused_keys_go_to_the_audit_log(admin, settings) -> None:

@@ -131,3 +131,24 @@ def test_a_crash_mid_send_keeps_the_charge_counted_once(tmp_path: Path) -> None:
     assert [c.charge_id for c in ledger.pending("k")] == ["in-flight"] and ledger.spent("k").epsilon == 4.0
     ledger.reserve("k", "in-flight", 4.0, 1e-5)  # the retry of the same bytes after restart
     assert ledger.spent("k").epsilon == 4.0
+
+
+def test_remaining_is_the_cap_less_the_composed_spending_and_never_negative(tmp_path: Path) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    ledger.set_limits("alice", total_epsilon=10.0)
+    assert ledger.remaining("alice") == 10.0 and ledger.remaining("bob") is None  # bob: no cap
+    ledger.reserve("alice", "a", 4.0, 1e-5)
+    ledger.reserve("bob", "b", 3.0, 1e-5)
+    assert ledger.remaining("alice") == pytest.approx(6.0) and ledger.remaining("bob") is None
+    ledger.set_limits("alice", total_epsilon=3.0)  # lowered below what was spent
+    assert ledger.remaining("alice") == 0.0
+
+
+def test_discard_removes_the_ledger_with_its_journal_and_limits(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    BudgetLedger(path).set_limits("k", total_epsilon=1.0)
+    files = [path.with_name(path.name + suffix) for suffix in ("", "-wal", "-shm", ".limits.json")]
+    for file in files:
+        file.touch()  # SQLite leaves -wal and -shm behind a crash
+    BudgetLedger.discard(path)
+    assert [file for file in files if file.exists()] == []

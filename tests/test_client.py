@@ -11,9 +11,8 @@ from safetensors.numpy import save
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger, BundleError, Conversation, Part,
-                        PolicyError,
-                        PrivacyPolicy, PrivateLLMClient, ServerError, default_ledger_path, markup, privacy_report,
-                        wire)
+                        PolicyError, PrivacyPolicy, PrivateLLMClient, ServerError, VeilError, default_ledger_path,
+                        markup, privacy_report, wire)
 from client_sdk.bundle import sha256_hex
 from client_sdk.mechanism import MechanismParams
 from client_sdk.policy import epsilon_per_token
@@ -51,6 +50,7 @@ class FakeServer:
         )
         self.decode_dim = DIM
         self.chunks = ["par", "is"]
+        self.stream_error: dict | None = None
         self.requests: list[httpx.Request] = []
         self.received: list[wire.Payload] = []
 
@@ -74,6 +74,8 @@ class FakeServer:
             answer = GenerateResponse(text=text, prompt_tokens=payload.tokens, completion_tokens=1, timings={})
             if request.url.params.get("stream") == "true":
                 body = "".join(f"data: {json.dumps({'text': c})}\n\n" for c in self.chunks)
+                if self.stream_error:
+                    body += f"event: error\ndata: {json.dumps(self.stream_error)}\n\n"
                 body += f"event: done\ndata: {answer.model_dump_json()}\n\n"
                 return httpx.Response(200, content=body.encode(), headers={"Content-Type": "text/event-stream"})
             return httpx.Response(200, json=answer.model_dump())
@@ -206,9 +208,11 @@ def test_a_looser_server_suggestion_is_refused(server, tmp_path) -> None:
     assert result.privacy.mu_clt <= 5.0 + 1e-6 and result.privacy.epsilon_per_token <= POLICY.epsilon_per_token
 
 
-def test_the_default_ledger_exists_after_the_first_call_and_survives_a_restart(server, tmp_path) -> None:
+def test_the_default_ledger_exists_after_the_first_call_and_survives_a_restart(server, tmp_path,
+                                                                                private_data_dir) -> None:
     path = default_ledger_path()
-    assert str(path).startswith(str(tmp_path)) and not path.exists()  # the autouse fixture isolates it
+    # where every version looks for it (a moved ledger would start again from zero); the autouse fixture isolates it
+    assert path == private_data_dir / "veil" / "ledger.db" and not path.exists()
     with make_client(server, tmp_path, ledger=None) as client:
         first = client.generate("the capital of france is")
     assert path.exists()
@@ -242,25 +246,95 @@ def test_bundle_urls_off_the_servers_origin_are_refused(server, tmp_path, url) -
     assert all(r.url.host == "fake" and r.url.port is None for r in server.requests)
 
 
-def test_bundle_hashes_must_be_hex(server, tmp_path) -> None:
-    server.info.tokenizer_sha256 = "../" * 20 + "etc/passwd"
+@pytest.mark.parametrize("sha", ["../" * 20 + "etc/passwd", "ab" * 31 + "c", "ab" * 32 + "c", "AB" * 32, "ab" * 32 + "\n"])
+def test_bundle_hashes_must_be_64_lowercase_hex_characters(server, tmp_path, sha) -> None:
+    server.info.tokenizer_sha256 = sha
     with pytest.raises(BundleError, match="not a SHA-256"):
         make_client(server, tmp_path).bundle
+    assert [r.url.path for r in server.requests] == ["/v1/bundle"]  # refused before any file is fetched
 
 
 def test_over_budget_is_refused_before_any_byte_leaves(server, tmp_path) -> None:
     one = privacy_report(MechanismParams.from_mu(5.0, bits=4, dim=DIM, clip=CLIP), 5).epsilon
     policy = PrivacyPolicy(epsilon_per_token=POLICY.epsilon_per_token, epsilon_total=3.5 * one)
     with make_client(server, tmp_path, policy=policy) as client:
-        client.generate("the capital of france is")
-        client.generate("the capital of france is paris")
-        sent_before = len(server.generate_requests())
+        answered = 0
         with pytest.raises(BudgetExceededError, match="composed"):
             for _ in range(10):
                 client.generate("the capital of france is")
+                answered += 1
         assert client.ledger.pending("default") == []
+        charges = client.ledger.spent("default").charges
+    # the refused prompt sent nothing: the server saw exactly the prompts that were answered, each charged once
+    assert len(server.generate_requests()) == answered == charges
     # composition is tighter than adding: more than 3 prompts of epsilon `one` fit under 3.5 * one
-    assert len(server.generate_requests()) - sent_before >= 2
+    assert answered > 3
+
+
+def test_a_prompt_over_the_per_prompt_cap_sends_nothing(server, tmp_path) -> None:
+    policy = PrivacyPolicy(epsilon_per_token=POLICY.epsilon_per_token, epsilon_per_prompt=POLICY.epsilon_per_token)
+    with make_client(server, tmp_path, policy=policy) as client:
+        with pytest.raises(BudgetExceededError, match="per-prompt"):
+            client.generate("the capital of france is")
+        assert client.ledger.spent("default").charges == 0
+    assert server.generate_requests() == []
+
+
+def failing_send(server: FakeServer, error: type[httpx.TransportError]):
+    """The fake server's handler, except that /v1/generate fails with `error` (after reading the request)."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/generate":
+            request.read()
+            raise error("simulated", request=request)
+        return server.handle(request)
+    return handle
+
+
+# Only a refused connection proves the payload never left; past that (a timeout, a dropped connection) it may have
+# reached the server, so its charge stays.
+SEND_FAILURES = [(httpx.ConnectError, 0), (httpx.ReadTimeout, 1), (httpx.WriteTimeout, 1), (httpx.ReadError, 1),
+                 (httpx.RemoteProtocolError, 1)]
+
+
+@pytest.mark.parametrize(("error", "charges"), SEND_FAILURES)
+def test_a_failed_send_releases_the_charge_only_when_nothing_can_have_left(server, tmp_path, error, charges) -> None:
+    with PrivateLLMClient("http://fake", transport=httpx.MockTransport(failing_send(server, error)), policy=POLICY,
+                          cache_dir=tmp_path / "cache", ledger=tmp_path / "l.db") as client:
+        with pytest.raises((httpx.HTTPError, VeilError)):
+            client.generate("the capital of france is")
+        assert client.ledger.spent("default").charges == charges
+
+
+@pytest.mark.parametrize(("error", "charges"), SEND_FAILURES)
+def test_the_async_client_releases_the_charge_only_when_nothing_can_have_left(server, tmp_path, error,
+                                                                               charges) -> None:
+    async def run() -> int:
+        async with AsyncPrivateLLMClient("http://fake", transport=httpx.MockTransport(failing_send(server, error)),
+                                         policy=POLICY, cache_dir=tmp_path / "cache",
+                                         ledger=tmp_path / "l.db") as client:
+            with pytest.raises((httpx.HTTPError, VeilError)):
+                await client.generate("the capital of france is")
+            return client.ledger.spent("default").charges
+
+    assert asyncio.run(run()) == charges
+
+
+def test_a_seeded_client_privatizes_reproducibly_and_an_unseeded_one_does_not(server, tmp_path) -> None:
+    def payload(seed: int | None) -> bytes:
+        return make_client(server, tmp_path, seed=seed).prepare("the capital of france is").payload
+
+    assert payload(5) == payload(5) != payload(6)
+    assert payload(None) != payload(None)
+
+
+def test_a_prompt_without_a_template_is_private_throughout(server, tmp_path) -> None:
+    with make_client(server, tmp_path) as client:
+        prepared = client.prepare("the capital of france is", chat=False)
+        result = client.generate("the capital of france is", chat=False)
+    assert (prepared.report.private_tokens, prepared.report.public_tokens) == (5, 0)
+    received = server.received[-1]
+    assert (received.private_tokens, received.public_tokens, result.prompt_tokens) == (5, 0, 5)
+    assert len(received.spans) == 1
 
 
 def test_streaming_yields_chunks_then_the_result(server, tmp_path) -> None:
@@ -298,4 +372,33 @@ def test_async_client(server, tmp_path) -> None:
 
     plain, streamed, sent = asyncio.run(run())
     assert plain == streamed == "hello paris" and sent == wire.payload_size(0, DIM, 2, public=8, spans=1)
-    assert server.received[0].params.bits == 2
+    assert server.received[0].params == MechanismParams.from_mu(2.0, bits=2, dim=DIM, clip=CLIP)
+
+
+def test_both_clients_pass_on_their_settings(server, tmp_path) -> None:
+    """The key, mu, bits and projection given to either client are the ones used."""
+    pid = server.info.projections[0].id
+    settings = dict(api_key="k-123", mu=50.0, bits=3, projection_id=pid, policy=PrivacyPolicy(epsilon_per_token=1e9),
+                    cache_dir=tmp_path / "cache", ledger=False, transport=httpx.MockTransport(server.handle))
+    with PrivateLLMClient("http://fake", **settings) as client:
+        client.generate("the capital of france is")
+
+    async def run() -> None:
+        async with AsyncPrivateLLMClient("http://fake", **settings) as client:
+            await client.generate("the capital of france is")
+
+    asyncio.run(run())
+    expected = MechanismParams.from_mu(50.0, bits=3, dim=DIM, clip=CLIP)
+    assert [(p.params, p.projection_id) for p in server.received] == [(expected, pid)] * 2
+    assert {r.headers.get("authorization") for r in server.requests} == {"Bearer k-123"}
+
+
+def test_an_error_event_mid_stream_raises_a_server_error(server, tmp_path) -> None:
+    server.stream_error = {"error": "generation_failed", "detail": "the engine stopped"}
+    with make_client(server, tmp_path) as client:
+        stream = client.generate("paris", stream=True)
+        assert stream.result is None
+        with pytest.raises(ServerError) as caught:
+            list(stream)
+    assert (caught.value.status_code, caught.value.detail) == (200, "the engine stopped")
+    assert stream.result is None

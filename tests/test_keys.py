@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
 import numpy as np
 import pytest
 from starlette.exceptions import HTTPException
@@ -38,21 +42,39 @@ def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings) -> None:
     throttle.admit("b")  # per caller
 
 
+def create_keys(path: Path, prefix: str, count: int, start: Barrier) -> None:
+    """One process's edits: wait for the other process, then create `count` keys in the store at `path`."""
+    store = KeyStore(path)
+    start.wait(timeout=120)
+    for i in range(count):
+        store.create(f"{prefix}-{i}")
+
+
 def test_concurrent_key_edits_from_two_processes_lose_nothing(tmp_path) -> None:
-    import threading
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(2)  # both edit at once
+    processes = [spawn.Process(target=create_keys, args=(tmp_path / "keys.json", name, 30, start))
+                 for name in ("one", "two")]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0]
+    names = sorted(record.name for record in KeyStore(tmp_path / "keys.json").records().values())
+    assert names == sorted(f"{p}-{i}" for p in ("one", "two") for i in range(30))
 
-    stores = [KeyStore(tmp_path / "keys.json") for _ in range(2)]  # two processes' stores of one file
 
-    def create(store: KeyStore) -> None:
-        for i in range(20):
-            store.create(f"app-{i}")
-
-    threads = [threading.Thread(target=create, args=(store,)) for store in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(KeyStore(tmp_path / "keys.json").records()) == 40
+def test_failed_authentication_from_one_address_never_locks_out_another(settings, runner) -> None:
+    settings.require_api_key, settings.auth_failures_per_minute = True, 3
+    _, good = KeyStore(key_file(settings)).create("app")
+    app = create_app(settings, runner=runner)
+    wrong = {"Authorization": "Bearer veil_0_wrong"}
+    with TestClient(app, client=("203.0.113.1", 40000)) as attacker:
+        assert [attacker.get("/v1/bundle", headers=wrong).status_code for _ in range(4)] == [403, 403, 403, 429]
+        other = TestClient(app, client=("198.51.100.7", 40000))  # another address, same app (started above)
+        assert other.get("/v1/bundle", headers=wrong).status_code == 403  # its keys are still checked
+        assert other.get("/v1/bundle", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+        assert attacker.get("/v1/bundle", headers=wrong).status_code == 429
 
 
 def payload(http: TestClient, headers: dict) -> bytes:
