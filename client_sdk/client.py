@@ -22,12 +22,13 @@ from client_sdk.budget import BudgetLedger, Mechanism
 from client_sdk.bundle import DEFAULT_CACHE_DIR, ClientBundle, files_to_fetch, sha256_hex, store_verified
 from client_sdk.errors import BudgetExceededError, BundleError, ServerError
 from client_sdk.mechanism import MechanismParams, secure_rng
-from client_sdk.policy import PrivacyPolicy
+from client_sdk.policy import PrivacyPolicy, check_private
 from client_sdk.privatize import privatize_spans
 from client_sdk.schemas import BundleInfo, GenerateResponse
 from client_sdk.spans import Conversation, Message, as_messages
 
 Prompt = str | Sequence[Message | Mapping]
+Private = Literal["message", "detect"]
 
 
 def default_ledger_path() -> Path:
@@ -104,13 +105,20 @@ class _ClientCore:
             store_verified(self.cache_dir, response.content, sha, what)
         return ClientBundle.from_cache(info, self.cache_dir)
 
-    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool,
-                conversation: Conversation | None) -> PreparedPrompt:
+    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool, conversation: Conversation | None,
+                private: Private | None) -> PreparedPrompt:
         params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
                                   allow_looser_bundle=self.allow_looser_bundle)
         projection = bundle.projection(self.projection_id)
         conversation = conversation if conversation is not None else Conversation()
-        spans = bundle.spans(as_messages(prompt), chat=chat, conversation=conversation)
+        messages = as_messages(prompt)
+        private = private or self.policy.private
+        check_private(private)
+        if private == "detect":
+            from client_sdk.detect import detect_messages
+
+            messages = detect_messages(messages, self.policy.treatments)
+        spans = bundle.spans(messages, chat=chat, conversation=conversation)
         payload = privatize_spans(spans, bundle.tables[projection.id], params, projection.id, self._rng)
         report = privacy_report(params, payload.private_tokens, self.policy.delta, public_tokens=payload.public_tokens)
         return PreparedPrompt(wire.encode(payload), params, report, conversation)
@@ -213,6 +221,9 @@ _COMMON_DOC = """
     conversation (per call): a client_sdk.Conversation kept across the calls of one conversation, so that every
         value marked in it is replaced or noised wherever it appears again, also in public or assistant turns,
         and answers are restored only from the placeholders it issued; default: a fresh one per call.
+    private (per call): "detect" makes only what the on-device detector finds private in each message given as a
+        string (client_sdk.detect; the policy's `treatments` say placeholder or noise per label), the rest public;
+        "message" keeps the whole message private; default: the policy's `private` ("message").
 """
 
 
@@ -263,9 +274,10 @@ class PrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None) -> PreparedPrompt:
+    def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None,
+                private: Private | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(self.bundle, prompt, chat, conversation)
+        return self._core.prepare(self.bundle, prompt, chat, conversation, private)
 
     def generate(
         self,
@@ -279,9 +291,10 @@ class PrivateLLMClient:
         stream: bool = False,
         chat: bool = True,
         conversation: Conversation | None = None,
+        private: Private | None = None,
     ) -> GenerationResult | GenerationStream:
         """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
-        prepared = self.prepare(prompt, chat=chat, conversation=conversation)
+        prepared = self.prepare(prompt, chat=chat, conversation=conversation, private=private)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
@@ -374,10 +387,10 @@ class AsyncPrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    async def prepare(self, prompt: Prompt, *, chat: bool = True,
-                      conversation: Conversation | None = None) -> PreparedPrompt:
+    async def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None,
+                      private: Private | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(await self.get_bundle(), prompt, chat, conversation)
+        return self._core.prepare(await self.get_bundle(), prompt, chat, conversation, private)
 
     async def generate(
         self,
@@ -391,9 +404,10 @@ class AsyncPrivateLLMClient:
         stream: bool = False,
         chat: bool = True,
         conversation: Conversation | None = None,
+        private: Private | None = None,
     ) -> GenerationResult | AsyncGenerationStream:
         """Privatize `prompt`, charge its epsilon, send it and return the answer (or a stream of it)."""
-        prepared = await self.prepare(prompt, chat=chat, conversation=conversation)
+        prepared = await self.prepare(prompt, chat=chat, conversation=conversation, private=private)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream)
