@@ -33,7 +33,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from bench.detect_data import (HELD_OUT_NOVEL, TRAINING_NOVELS, Labelled, common_words, gazetteers,  # noqa: E402
+from bench.detect_data import (HELD_OUT_NOVEL, TRAINING_NOVELS, Labelled, casing, common_words, gazetteers,  # noqa: E402
                                novel, synthesized, wikitext_test, wikitext_valid)
 from client_sdk import detect as detector  # noqa: E402
 from client_sdk.detect import LABELS, NAME_LABELS, NameModel, tokenize  # noqa: E402
@@ -52,8 +52,8 @@ def token_targets(item: Labelled) -> tuple[list[str], list[bool], np.ndarray]:
     words, offsets, starts = tokenize(item.text)
     target = np.zeros(len(words), dtype=np.int64)
     for t, (s, e) in enumerate(offsets):
-        if not words[t][0].isalnum():
-            target[t] = -1  # punctuation: never a name (client_sdk.detect ignores its label)
+        if detector._not_a_name(words, t):
+            target[t] = -1  # never a name (client_sdk.detect ignores its label)
             continue
         for gs, ge, label in item.spans:
             if s < ge and gs < e:
@@ -65,11 +65,12 @@ def token_targets(item: Labelled) -> tuple[list[str], list[bool], np.ndarray]:
 
 class Batch:
     def __init__(self, model: NameModel, items: list[Labelled]) -> None:
-        ids, offsets, targets, n = [], [], [], 0
+        ids, offsets, targets, lexical, n = [], [], [], [], 0
         for item in items:
             words, starts, target = token_targets(item)
             if not words:
                 continue
+            lexical.append([model.lexical_count(w) for w in words])
             item_ids, item_offsets = model.token_ids(words, starts)
             ids.append(item_ids)
             offsets.append(item_offsets + n)
@@ -78,6 +79,7 @@ class Batch:
         self.ids = np.concatenate(ids).astype(np.int32)
         self.offsets = np.concatenate(offsets)
         self.targets = np.concatenate(targets)
+        self.lexical = np.concatenate(lexical)
 
 
 class Adam:
@@ -103,8 +105,15 @@ class Adam:
                 p[rows] -= scale * m[rows] / (np.sqrt(v[rows]) + 1e-8)
 
 
-def train_step(model: NameModel, batch: Batch, opt: Adam, weights: np.ndarray) -> float:
-    ids, offsets, y = batch.ids, batch.offsets, batch.targets
+def train_step(model: NameModel, batch: Batch, opt: Adam, weights: np.ndarray, rng: np.random.Generator,
+               word_dropout: float) -> float:
+    ids, offsets, y = batch.ids.copy(), batch.offsets, batch.targets
+    # a token's first features are its letters': hide them at random so that the model learns names it has not seen
+    # from their kind (shape, case, gazetteers) and context instead of memorizing the training names
+    dropped = rng.random(len(offsets)) < word_dropout
+    starts, counts = offsets[dropped], batch.lexical[dropped]
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    ids[np.repeat(starts, counts) + within] = model.feature_id("hidden")
     emb = model.embedding
     summed = np.add.reduceat(emb[ids], offsets, axis=0)
     pre = summed @ model.hidden_w + model.hidden_b
@@ -179,9 +188,10 @@ def _name_spans(text: str, model: NameModel) -> list[detector.Detection]:
 def train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    common = frozenset(common_words())
+    word_casing = casing()
+    common = common_words(word_casing)
     config = {"labels": CLASSES, "buckets": 2 ** args.bucket_bits, "dim": 32, "hidden": 64,
-              "gazetteers": {**gazetteers(), "common": sorted(common)}}
+              "gazetteers": gazetteers(), "casing": word_casing}
     model = new_model(config, args.seed)
     train_items, dev = training_texts(args.synthesized, args.seed, common)
     rng = np.random.default_rng(args.seed)
@@ -194,7 +204,7 @@ def train(args: argparse.Namespace) -> None:
     opt = Adam(params, args.lr)
     weights = np.array([1.0, *[args.name_weight] * len(NAME_LABELS)])
     for epoch in range(args.epochs):
-        losses = [train_step(model, batches[i], opt, weights)
+        losses = [train_step(model, batches[i], opt, weights, rng, args.word_dropout)
                   for i in tqdm(rng.permutation(len(batches)), desc=f"epoch {epoch + 1}/{args.epochs}")]
         print(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}", file=sys.stderr)
     model.bias[:] = 0
@@ -295,7 +305,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     model = detector.name_model()
     if model is None:
         raise SystemExit(f"no detector weights at {detector.WEIGHTS}; run `{TRAIN_COMMAND}` first")
-    common = frozenset(model.gazetteers["common"])
+    common = common_words(model.casing)
     sets = {
         "synthesized (held-out templates)": synthesized(args.synthesized, seed=args.seed + 1, held_out=True),
         "Emma (held out)": novel("emma", common),
@@ -349,6 +359,8 @@ def main() -> None:
     parser.add_argument("--batch-texts", type=int, default=64)
     parser.add_argument("--bucket-bits", type=int, default=17)
     parser.add_argument("--name-weight", type=float, default=2.0, help="loss weight of the name classes against O")
+    parser.add_argument("--word-dropout", type=float, default=0.5,
+                        help="share of tokens trained without their letters' features")
     args = parser.parse_args()
     if args.action == "train":
         args.synthesized = args.synthesized or 30000

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from client_sdk.detect import tokenize
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -28,7 +30,8 @@ LOCALES = ("en_US", "en_GB", "en_AU", "en_CA", "en_IE", "en_IN", "en_NZ", "de_DE
 NOT_NAMES = frozenset("""i mr mrs ms miss sir lady lord dr colonel captain general admiral master madam madame rev
     monday tuesday wednesday thursday friday saturday sunday january february march april may june july august
     september october november december christmas easter michaelmas midsummer god heaven heavens providence english
-    irish scotch scottish french italian german christian oh ah o chapter volume book end""".split())
+    irish scotch scottish french italian german christian oh ah o chapter volume book end yes no aye tis humph
+    farmer vicar grandpapa grandmama papa mamma misses mistresses lords""".split())
 
 
 @dataclass
@@ -252,20 +255,30 @@ def gazetteers(seed: int = 0, samples: int = 400) -> dict[str, list[str]]:
     return out
 
 
-def common_words(min_count: int = 3) -> list[str]:
-    """Words written in lower case at least `min_count` times in the training novels and WikiText-2 valid."""
-    counts = Counter()
+def casing(min_count: int = 3) -> dict[str, int]:
+    """For each word seen at least `min_count` times in the training novels and WikiText-2 valid (lower-cased),
+    how often it is written in lower case: 0 (under 10% of the time), 1 (under 50%), 2 (under 90%), 3 (more)."""
+    lower, total = Counter(), Counter()
     for path in [data_dir() / "austen" / f"{n}.txt" for n in TRAINING_NOVELS] + [data_dir() / "wikitext-2" / "valid.txt"]:
-        counts.update(re.findall(r"\b[a-z]+\b", path.read_text(encoding="utf-8")))
-    return sorted(w for w, c in counts.items() if c >= min_count)
+        for word in re.findall(r"\b[^\W\d_]+\b", path.read_text(encoding="utf-8")):
+            low = word.lower()
+            total[low] += 1
+            lower[low] += word == low
+    return {w: int(np.searchsorted([0.1, 0.5, 0.9], lower[w] / n, side="right")) for w, n in total.items() if n >= min_count}
+
+
+def common_words(casing: dict[str, int]) -> frozenset[str]:
+    """Words written in lower case more often than not."""
+    return frozenset(w for w, bucket in casing.items() if bucket >= 2)
 
 
 # -- Austen --------------------------------------------------------------------------------------------------
 
 def novel_chunks(name: str, words: int = 150) -> list[str]:
-    """The novel's paragraphs (lines joined), grouped into chunks of about `words` words, chapter headings dropped."""
+    """The novel's paragraphs (lines joined, italics' underscores dropped), grouped into chunks of about `words`
+    words, chapter headings dropped."""
     text = (data_dir() / "austen" / f"{name}.txt").read_text(encoding="utf-8")
-    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    paragraphs = [" ".join(p.replace("_", "").split()) for p in re.split(r"\n\s*\n", text)]  # _italics_
     paragraphs = [p for p in paragraphs if p and not re.fullmatch(r"(?:CHAPTER|VOLUME) [IVXLC\d]+\.?|[A-Z .,]+", p)]
     chunks, current = [], []
     for p in paragraphs:
@@ -280,7 +293,7 @@ def novel_chunks(name: str, words: int = 150) -> list[str]:
 
 def entity_pattern(entities: dict[str, list[str]]) -> tuple[re.Pattern[str], dict[str, str]]:
     names = {name: label for label, listed in entities.items() for name in listed}
-    pattern = re.compile("|".join(rf"(?<![\w'’-]){re.escape(n)}(?![\w-]|['’](?![sS]\b))"
+    pattern = re.compile("|".join(rf"(?<![\w-])(?<!\w['’]){re.escape(n)}(?![\w-]|['’](?![sS]\b))"
                                   for n in sorted(names, key=len, reverse=True)))
     return pattern, names
 

@@ -5,8 +5,8 @@ Two parts, both shipped with the SDK:
   ACCOUNT (long digit runs), DATE_OF_BIRTH (a date near "born", "DOB", "birthday") and other DATEs, SSN (US),
   NI_NUMBER (UK), and street addresses as LOCATION;
 - names, PERSON, LOCATION and ORGANIZATION, by a small token classifier: hashed features of each word (its
-  form, shape, affixes, character trigrams, gazetteers of names and places, whether it is a common lowercase
-  word) and of its neighbours, summed into a 32-dimensional vector, one hidden layer, four outputs. Its weights
+  form, shape, affixes, character trigrams, gazetteers of names and places, how often it is written in lower
+  case) and of its neighbours, summed into a 32-dimensional vector, one hidden layer, four outputs. Its weights
   (`client_sdk/data/detector.*`, safetensors + JSON) were trained by `python -m bench.detect train` on text
   synthesized with Faker in many locales and on four Austen novels with hand-built lists of their people and
   places; `veil bench detect` measures it (bench/results/detect.md), including what it misses.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -133,12 +132,18 @@ CONTEXT_OFFSETS = (-2, -1, 1, 2)
 
 
 def _shape(word: str) -> str:
-    shape = re.sub(r"[A-Z]+", "X", re.sub(r"[a-z]+", "x", re.sub(r"\d+", "d", word)))
-    return re.sub(r"[^\W\d_]+", "u", shape)  # letters outside ASCII: u (any case)
+    """The word's letters as X (upper case) and x, digits as d, runs collapsed: "McDonald's" -> "XxXx'x"."""
+    shape = "".join("X" if c.isupper() else "x" if c.isalpha() else "d" if c.isdigit() else c for c in word)
+    return re.sub(r"(.)\1+", r"\1", shape)
+
+
+def _not_a_name(words: list[str], t: int) -> bool:
+    """Punctuation, and the s of a possessive 's, are never part of a name."""
+    return not words[t][0].isalnum() or words[t] in ("s", "S") and t > 0 and words[t - 1] in ("'", "’")
 
 
 class NameModel:
-    """The trained token classifier (weights and vocabularies from `WEIGHTS`); `label_tokens` scores a text."""
+    """The trained token classifier (weights and vocabularies from `WEIGHTS`); `name_scores` scores a text."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], config: dict) -> None:
         self.config = config
@@ -150,44 +155,50 @@ class NameModel:
         self.bias = np.zeros(len(self.labels), dtype=np.float32)
         self.bias[1:] = config.get("name_bias", 0.0)  # tuned on the training novels: > 0 favours recall
         self.gazetteers: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in config["gazetteers"].items()}
+        self.casing: dict[str, int] = config["casing"]
         self._cache: dict[str, tuple[np.ndarray, ...]] = {}
-        self._dynamic = {name: self._id(name) for name in
+        self._dynamic = {name: self.feature_id(name) for name in
                          ("start", "first", "after_title", "seen_mid", "not_seen_mid", "alone_cap", "bos", "eos")}
 
     @classmethod
     def load(cls, path: Path = WEIGHTS) -> "NameModel":
         return cls(load_file(str(path.with_suffix(".safetensors"))), json.loads(path.with_suffix(".json").read_text()))
 
-    def _id(self, feature: str) -> int:
+    def feature_id(self, feature: str) -> int:
         return zlib.crc32(feature.encode()) % self.buckets
 
-    def word_features(self, word: str) -> list[str]:
-        """The features of a word on its own (they do not depend on the text around it)."""
+    def word_features(self, word: str) -> tuple[list[str], list[str]]:
+        """The features of a word on its own (they do not depend on the text around it): those of its letters
+        (form, affixes, character trigrams), then those of its kind (shape, case, gazetteers, length)."""
         lower = word.lower()
-        features = [f"w={lower}", f"shape={_shape(word)}", f"s3={lower[-3:]}", f"s2={lower[-2:]}", f"p2={lower[:2]}",
-                    f"s4={lower[-4:]}", f"p3={lower[:3]}", f"len={min(len(word), 12)}"]
-        if word[:1].isupper():
-            features.append("cap")
-            features.append("allcap" if word.isupper() and len(word) > 1 else "titlecase")
         padded = f"<{lower}>"
-        features += [f"c3={padded[i:i + 3]}" for i in range(len(padded) - 2)][:12]
-        features += [f"gz={name}" for name, words in self.gazetteers.items() if lower in words]
+        lexical = [f"w={lower}", f"s3={lower[-3:]}", f"s2={lower[-2:]}", f"p2={lower[:2]}", f"s4={lower[-4:]}",
+                   f"p3={lower[:3]}", *[f"c3={padded[i:i + 3]}" for i in range(len(padded) - 2)][:12]]
+        kind = [f"shape={_shape(word)}", f"len={min(len(word), 12)}", f"case={self.casing.get(lower, 'unseen')}"]
+        if word[:1].isupper():
+            kind.append("cap")
+            kind.append("allcap" if word.isupper() and len(word) > 1 else "titlecase")
+        kind += [f"gz={name}" for name, words in self.gazetteers.items() if lower in words]
         if lower in _TITLES:
-            features.append("title")
-        return features
+            kind.append("title")
+        return lexical, kind
 
     def _word_ids(self, word: str) -> tuple[np.ndarray, ...]:
-        """Hashed ids of a word's own features and of those it lends its neighbours at each context offset."""
+        """Hashed ids of a word's own features (its letters' first) and of those it lends its neighbours at each
+        context offset."""
         cached = self._cache.get(word)
         if cached is None:
-            own = self.word_features(word)
-            lower = word.lower()
-            shared = [f"w={lower}", f"shape={_shape(word)}", *(f for f in own if f.startswith(("gz=", "title", "cap")))]
-            cached = (np.array([self._id(f) for f in own], dtype=np.int64),
-                      *(np.array([self._id(f"{o}:{f}") for f in shared], dtype=np.int64) for o in CONTEXT_OFFSETS))
+            lexical, kind = self.word_features(word)
+            shared = [lexical[0], *kind]
+            cached = (np.array([self.feature_id(f) for f in lexical + kind], dtype=np.int64),
+                      *(np.array([self.feature_id(f"{o}:{f}") for f in shared], dtype=np.int64) for o in CONTEXT_OFFSETS))
             if len(self._cache) < 200_000:
                 self._cache[word] = cached
         return cached
+
+    def lexical_count(self, word: str) -> int:
+        """How many of the word's first feature ids are of its letters (training hides them at random)."""
+        return len(self.word_features(word)[0])
 
     def token_ids(self, words: list[str], starts: list[bool]) -> tuple[np.ndarray, np.ndarray]:
         """All feature ids of every token, concatenated, and where each token's ids begin."""
@@ -224,11 +235,15 @@ class NameModel:
         hidden = np.maximum(summed @ self.hidden_w + self.hidden_b, 0.0)
         return hidden @ self.out_w + self.out_b + self.bias
 
-    def label_tokens(self, words: list[str], starts: list[bool]) -> list[str]:
-        """A label per word, "O" for none."""
+    def name_scores(self, words: list[str], starts: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+        """For each word: whether it is part of a name (its most likely class is not O), and its probabilities of
+        each name label (PERSON, LOCATION, ORGANIZATION)."""
         if not words:
-            return []
-        return [self.labels[i] for i in self.logits(*self.token_ids(words, starts)).argmax(axis=1)]
+            return np.zeros(0, dtype=bool), np.zeros((0, len(self.labels) - 1))
+        logits = self.logits(*self.token_ids(words, starts))
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return probs.argmax(axis=1) > 0, probs[:, 1:]
 
 
 def tokenize(text: str) -> tuple[list[str], list[tuple[int, int]], list[bool]]:
@@ -259,25 +274,29 @@ def name_model() -> NameModel | None:
 
 
 def _name_detections(text: str, model: NameModel) -> list[Detection]:
-    """Runs of words of one name label. A word written the same way gets the same label everywhere in the text: the
-    label most of its labelled occurrences have (a name the classifier sees in one sentence is found in all)."""
+    """Runs of name words, one label per run. A word written the same way is treated the same everywhere in the
+    text: if any capitalised occurrence is a name, all are, with the label of their probabilities together (a
+    name the classifier sees in one sentence is found in all); a run's label is that of its words' together."""
     words, spans, starts = tokenize(text)
-    labels = model.label_tokens(words, starts)
-    votes: dict[str, Counter[str]] = {}
-    for word, label in zip(words, labels):
-        if label != "O" and word[:1].isupper():
-            votes.setdefault(word, Counter())[label] += 1
-    found: list[Detection] = []
-    for word, (start, end), label in zip(words, spans, labels):
-        if word in votes:
-            label = votes[word].most_common(1)[0][0]
-        if label == "O" or not word[0].isalnum():
+    is_name, probs = model.name_scores(words, starts)
+    occurrences: dict[str, list[int]] = {}
+    for t, word in enumerate(words):
+        if word[:1].isupper():
+            occurrences.setdefault(word, []).append(t)
+    for ts in occurrences.values():
+        named = [t for t in ts if is_name[t]]
+        if named:
+            is_name[ts] = True
+            probs[ts] = probs[named].mean(axis=0)
+    found: list[tuple[int, int, np.ndarray]] = []
+    for t, (start, end) in enumerate(spans):
+        if not is_name[t] or _not_a_name(words, t):
             continue
-        if found and found[-1].label == label and not text[found[-1].end : start].strip(" -'’"):
-            found[-1] = Detection(found[-1].start, end, label)
+        if found and not text[found[-1][1] : start].strip(" -'’"):
+            found[-1] = (found[-1][0], end, found[-1][2] + probs[t])
         else:
-            found.append(Detection(start, end, label))
-    return found
+            found.append((start, end, probs[t].copy()))
+    return [Detection(start, end, NAME_LABELS[int(p.argmax())]) for start, end, p in found]
 
 
 def detect(text: str) -> list[Detection]:

@@ -72,3 +72,16 @@ def test_only_private_string_messages_are_detected() -> None:
     out = detect_messages(messages, {"EMAIL": "placeholder"})
     assert out[0] == messages[0] and out[2] == messages[2]
     assert out[1].content == [Part("Mail ", "public"), Part("ann@example.com", "placeholder", "EMAIL")]
+
+
+def test_the_benchmark_counts_mentions_detections_and_other_words() -> None:
+    from bench.detect import score
+    from bench.detect_data import Labelled
+    from client_sdk.detect import Detection
+
+    item = Labelled("Ann met Bob in Rome today", [(0, 3, "PERSON"), (8, 11, "PERSON"), (15, 19, "LOCATION")])
+    dets = [Detection(0, 3, "PERSON"), Detection(15, 19, "PERSON"), Detection(20, 25, "LOCATION")]
+    s = score([(item, dets)], ("PERSON", "LOCATION"))
+    assert (s["PERSON"]["recall"], s["PERSON"]["recall_any_label"], s["PERSON"]["precision"]) == (0.5, 0.5, 0.5)
+    assert (s["LOCATION"]["recall"], s["LOCATION"]["recall_any_label"], s["LOCATION"]["precision"]) == (0, 1, 0)
+    assert s["other_words_flagged"] == 1 / 3
