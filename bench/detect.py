@@ -2,6 +2,7 @@
 
     python -m bench.detect train [--epochs 4]    # writes client_sdk/data/detector.{safetensors,json}
     python -m bench.detect [--synthesized 2000]  # = veil bench detect; writes bench/results/detect.{json,md}
+    python -m bench.detect treatments            # placeholder against noise on the real model (needs .[bench])
 
 Training (numpy, one core, a few minutes; needs Faker, `pip install .[detect]`): texts synthesized from the training
 templates with Faker values in 33 locales, the four training Austen novels labelled with the people and places
@@ -15,7 +16,8 @@ The benchmark: recall and precision per label on (a) text from the held-out temp
 lists allow (countries, first name + capitalised words); the share of other words flagged; ms per 100 words on one
 core. A gold mention counts as found when detections of its label cover all its characters' words ("found, any
 label": any detection covers them); a detection counts as right when it overlaps a gold mention of its label, and is
-not counted where it only touches words nobody labelled (unknown).
+not counted where it only touches words nobody labelled (unknown); "any label" counts a mention found (or a
+detection right) whatever the label, which is what privacy needs: every label gets the same treatment by default.
 """
 
 from __future__ import annotations
@@ -232,7 +234,8 @@ def score(results: list[tuple[Labelled, list[detector.Detection]]], labels: tupl
         inside = [(a, b) for a, b in words if a < e and s < b]
         return bool(inside) and all(any(d.start <= a and b <= d.end for d in dets) for a, b in inside)
 
-    counts = {label: {"gold": 0, "found": 0, "found_any": 0, "detected": 0, "right": 0} for label in labels}
+    keys = ("gold", "found", "found_any", "detected", "right", "right_any")
+    counts = {label: dict.fromkeys(keys, 0) for label in labels}
     other_words = other_flagged = 0
     for item, dets in results:
         words = _word_positions(item.text)
@@ -246,10 +249,12 @@ def score(results: list[tuple[Labelled, list[detector.Detection]]], labels: tupl
             if d.label not in counts:
                 continue
             right = any(d.start < e and s < d.end and label == d.label for s, e, label in item.spans)
+            right_any = any(d.start < e and s < d.end for s, e, _ in item.spans)
             unknown = any(d.start < e and s < d.end for s, e in item.unknown)
-            if right or not unknown:
+            if right_any or not unknown:
                 counts[d.label]["detected"] += 1
                 counts[d.label]["right"] += right
+                counts[d.label]["right_any"] += right_any
         for a, b in words:
             if any(a < e and s < b for s, e, _ in item.spans) or any(a < e and s < b for s, e in item.unknown):
                 continue
@@ -260,12 +265,13 @@ def score(results: list[tuple[Labelled, list[detector.Detection]]], labels: tupl
     groups["names"] = [label for label in labels if label in NAME_LABELS]
     groups["identifiers"] = [label for label in labels if label not in NAME_LABELS]
     for name, members in groups.items():
-        c = {k: sum(counts[m][k] for m in members) for k in ("gold", "found", "found_any", "detected", "right")}
+        c = {k: sum(counts[m][k] for m in members) for k in keys}
         if not c["gold"] and not c["detected"]:
             continue
         out[name] = {"gold": c["gold"], "recall": c["found"] / c["gold"] if c["gold"] else None,
                      "recall_any_label": c["found_any"] / c["gold"] if c["gold"] else None,
-                     "detected": c["detected"], "precision": c["right"] / c["detected"] if c["detected"] else None}
+                     "detected": c["detected"], "precision": c["right"] / c["detected"] if c["detected"] else None,
+                     "precision_any_label": c["right_any"] / c["detected"] if c["detected"] else None}
     out["other_words_flagged"] = other_flagged / max(other_words, 1)
     out["other_words"] = other_words
     return out
@@ -324,6 +330,45 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
+CHAT_PROMPTS = Path(__file__).parent / "data" / "chat_prompts.jsonl"
+
+
+def treatments(args: argparse.Namespace) -> dict:
+    """Placeholder against noise for detected spans, on the real model: the chat prompts in which the detector finds
+    something, answered clean (the prompt public) and with every detected span a placeholder or noised (the rest
+    public; noise with fresh randomness per seed); COH (cosine of MiniLM sentence embeddings) against the clean
+    answer, with its bootstrap SE, and the share of answers without <unk> or loops."""
+    import dataclasses
+
+    from app.cli import local_server
+    from bench.bootstrap import bootstrap_se
+    from bench.privacy_utility import degenerate, minilm_encoder
+    from client_sdk import PrivacyPolicy, PrivateLLMClient
+
+    prompts = [json.loads(line)["prompt"] for line in CHAT_PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = [p for p in prompts if detector.detect(p)][: args.prompts]
+    encoder = minilm_encoder()
+    rows = {}
+    with local_server(args.port) as url:
+        with PrivateLLMClient(url, ledger=False) as client:
+            clean = [client.generate([{"role": "user", "content": p, "public": True}], max_new_tokens=args.tokens,
+                                     stop=["\n\n"]).text for p in prompts]
+        for treatment in ("placeholder", "noise"):
+            policy = dataclasses.replace(PrivacyPolicy.default(), private="detect",
+                                         treatments=dict.fromkeys(LABELS, treatment))
+            answers, references = [], []
+            for seed in range(1 if treatment == "placeholder" else args.seeds):
+                with PrivateLLMClient(url, ledger=False, policy=policy, seed=seed) as client:
+                    answers += [client.generate(p, max_new_tokens=args.tokens, stop=["\n\n"]).text for p in prompts]
+                references += clean
+            values = (encoder(answers) * encoder(references)).sum(axis=1)
+            rows[treatment] = {"coh": float(values.mean()), "coh_se": bootstrap_se(lambda m: m, values),
+                               "loop_free": float(np.mean([not degenerate(a) for a in answers])),
+                               "answers": len(answers), "first_answer": answers[0]}
+    return {"command": BENCH_COMMAND + " " + " ".join(sys.argv[1:]), "prompts": prompts, "clean_first_answer": clean[0],
+            "max_new_tokens": args.tokens, "rows": rows}
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -334,11 +379,12 @@ def markdown(report: dict) -> str:
     for name, result in report["sets"].items():
         scores = result["scores"]
         lines += [f"## {name}: {result['texts']} texts, {result['words']} words", "",
-                  "| label | gold | recall | recall (any label) | detected | precision |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| label | gold | recall | recall (any label) | detected | precision | precision (any label) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for label, s in scores.items():
             if isinstance(s, dict):
                 lines.append(f"| {label} | {s['gold']} | {_fmt(s['recall'])} | {_fmt(s['recall_any_label'])} | "
-                             f"{s['detected']} | {_fmt(s['precision'])} |")
+                             f"{s['detected']} | {_fmt(s['precision'])} | {_fmt(s['precision_any_label'])} |")
         lines += ["", f"Other words flagged: {scores['other_words_flagged']:.2%} of {scores['other_words']}.", "",
                   "Most often missed: " + ", ".join(f"{k} x{v}" for k, v in result["examples"]["missed"]) + ".", "",
                   "Most often flagged wrongly: " + ", ".join(f"{k} x{v}" for k, v in result["examples"]["wrongly_flagged"]) + ".", ""]
@@ -350,7 +396,11 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", nargs="?", choices=["evaluate", "train"], default="evaluate")
+    parser.add_argument("action", nargs="?", choices=["evaluate", "train", "treatments"], default="evaluate")
+    parser.add_argument("--prompts", type=int, default=12, help="treatments: chat prompts with detections")
+    parser.add_argument("--seeds", type=int, default=2, help="treatments: noise draws per prompt")
+    parser.add_argument("--tokens", type=int, default=48, help="treatments: answer length")
+    parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--synthesized", type=int, default=None,
                         help="synthesized texts (train: 30000; evaluate: 2000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -365,6 +415,13 @@ def main() -> None:
     if args.action == "train":
         args.synthesized = args.synthesized or 30000
         train(args)
+        return
+    if args.action == "treatments":
+        report = treatments(args)
+        (RESULTS / "detect-treatments.json").write_text(json.dumps(report, indent=1) + "\n")
+        for name, row in report["rows"].items():
+            print(f"{name:12s} COH {row['coh']:.3f} ± {row['coh_se']:.3f}  loop-free {row['loop_free']:.0%}  "
+                  f"({row['answers']} answers) first: {row['first_answer']!r}")
         return
     args.synthesized = args.synthesized or 2000
     report = evaluate(args)
