@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
+from safetensors.numpy import save  # noqa: E402
 
 from bench.detect_data import (HELD_OUT_NOVEL, TRAINING_NOVELS, Labelled, casing, common_words, gazetteers,  # noqa: E402
                                novel, synthesized, wikitext_test, wikitext_valid)
@@ -214,11 +214,12 @@ def train(args: argparse.Namespace) -> None:
     config.update(name_bias=bias, trained_by=TRAIN_COMMAND + " " + " ".join(sys.argv[2:]),
                   training={"synthesized_texts": args.synthesized, "novels": list(TRAINING_NOVELS),
                             "held_out": HELD_OUT_NOVEL, "epochs": args.epochs, "seed": args.seed})
-    detector.WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embedding": model.embedding.astype(np.float16), "hidden.weight": model.hidden_w,
-               "hidden.bias": model.hidden_b, "out.weight": model.out_w, "out.bias": model.out_b},
-              str(detector.WEIGHTS.with_suffix(".safetensors")))
-    detector.WEIGHTS.with_suffix(".json").write_text(json.dumps(config, separators=(",", ":")) + "\n")
+    from app.files import write_bytes_atomic
+
+    write_bytes_atomic(detector.WEIGHTS.with_suffix(".safetensors"), save(
+        {"embedding": model.embedding.astype(np.float16), "hidden.weight": model.hidden_w,
+         "hidden.bias": model.hidden_b, "out.weight": model.out_w, "out.bias": model.out_b}))
+    write_bytes_atomic(detector.WEIGHTS.with_suffix(".json"), json.dumps(config, separators=(",", ":")).encode() + b"\n")
     print(f"name bias {bias:+.2f}; wrote {detector.WEIGHTS}.{{safetensors,json}}", file=sys.stderr)
 
 
@@ -418,16 +419,19 @@ def main() -> None:
         return
     if args.action == "treatments":
         report = treatments(args)
-        (RESULTS / "detect-treatments.json").write_text(json.dumps(report, indent=1) + "\n")
+        from app.files import write_bytes_atomic
+
+        write_bytes_atomic(RESULTS / "detect-treatments.json", json.dumps(report, indent=1).encode() + b"\n")
         for name, row in report["rows"].items():
             print(f"{name:12s} COH {row['coh']:.3f} ± {row['coh_se']:.3f}  loop-free {row['loop_free']:.0%}  "
                   f"({row['answers']} answers) first: {row['first_answer']!r}")
         return
     args.synthesized = args.synthesized or 2000
     report = evaluate(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "detect.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "detect.md").write_text(markdown(report))
+    from app.files import write_bytes_atomic
+
+    write_bytes_atomic(RESULTS / "detect.json", json.dumps(report, indent=1).encode() + b"\n")
+    write_bytes_atomic(RESULTS / "detect.md", markdown(report).encode())
     print(markdown(report))
 
 
