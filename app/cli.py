@@ -121,8 +121,8 @@ def _show_spans(client, messages, conversation) -> None:
         typer.echo(f"  {'placeholder (real text stays here)':40s} {name} = {original!r}")
 
 
-DEMO_PROMPT = ("Write a short, friendly note to my landlord Ann Whitfield in Harrogate: the rent for March went out "
-               "today from account 40381276, a day late, and I am sorry.")
+DEMO_PROMPT = ("How should I tell my landlord Ann Whitfield in Harrogate that the rent from account 40381276 will be "
+               "two days late?")
 
 
 @cli.command()
@@ -152,15 +152,14 @@ def demo(
                            "replaced by placeholders")
                 messages = detect_messages(as_messages(prompt), client.policy.treatments)
             _show_spans(client, messages, conversation)
-            detected = client.generate(messages, max_new_tokens=max_new_tokens, stop=["\n\n"],
-                                       conversation=conversation)
+            detected = client.generate(messages, max_new_tokens=max_new_tokens, conversation=conversation)
             typer.echo(f"answer (placeholders restored on this device): {detected.text.strip()!r}")
             never_left = list(conversation.originals.values())
             typer.echo(f"never left this device: {', '.join(repr(v) for v in never_left) or 'nothing was replaced'}; "
                        f"epsilon spent: {detected.privacy.epsilon:.4g} ({detected.privacy.private_tokens} noised tokens)")
             typer.echo("\n2. the same prompt wholly private (the default for a plain string): every word of it noised")
             _show_spans(client, as_messages(prompt), Conversation())
-            result = client.generate(prompt, max_new_tokens=max_new_tokens, stop=["\n\n"])
+            result = client.generate(prompt, max_new_tokens=max_new_tokens)
             remaining = client.ledger.remaining("veil-demo")
             ledger_path = client.ledger.path
     report = result.privacy

@@ -129,6 +129,9 @@ _SENTENCE_END = frozenset('.!?"“”:;\n')
 _TITLES = frozenset("mr mrs ms miss dr sir lady lord madam madame rev prof professor colonel captain general "
                     "admiral mister uncle aunt king queen prince princess saint st count baron judge".split())
 CONTEXT_OFFSETS = (-2, -1, 1, 2)
+_CALENDAR = frozenset("monday tuesday wednesday thursday friday saturday sunday january february march april may june "
+                      "july august september october november december".split())
+"""Never a name on their own (a month is not a person), whatever the classifier says: June Smith is found as Smith."""
 
 
 def _shape(word: str) -> str:
@@ -138,8 +141,9 @@ def _shape(word: str) -> str:
 
 
 def _not_a_name(words: list[str], t: int) -> bool:
-    """Punctuation, and the s of a possessive 's, are never part of a name."""
-    return not words[t][0].isalnum() or words[t] in ("s", "S") and t > 0 and words[t - 1] in ("'", "’")
+    """Punctuation, the s of a possessive 's, weekdays and months are never part of a name."""
+    return not words[t][0].isalnum() or words[t] in ("s", "S") and t > 0 and words[t - 1] in ("'", "’") or \
+        words[t].lower() in _CALENDAR
 
 
 class NameModel:
