@@ -109,12 +109,9 @@ def _measured_recovery(report) -> str:
             f"measured on {point['corpus']} ({point['command']})")
 
 
-def _show_spans(client, prompt) -> None:
+def _show_spans(client, messages, conversation) -> None:
     """What stays on the device (private spans, placeholders) and what the server sees in the clear."""
-    from client_sdk.spans import Conversation, as_messages
-
-    conversation = Conversation()
-    spans = client.bundle.spans(as_messages(prompt), conversation=conversation)
+    spans = client.bundle.spans(messages, conversation=conversation)
     decode = client.bundle.tokenizer.decode
     for span in spans:
         text = decode(span.ids.tolist(), skip_special_tokens=False)
@@ -124,26 +121,45 @@ def _show_spans(client, prompt) -> None:
         typer.echo(f"  {'placeholder (real text stays here)':40s} {name} = {original!r}")
 
 
+DEMO_PROMPT = ("How should I tell my landlord Ann Whitfield in Harrogate that the rent from account 40381276 will be "
+               "two days late?")
+
+
 @cli.command()
 def demo(
-    prompt: str = typer.Option("What is the capital of France?", help="the user's message"),
-    selective: bool = typer.Option(False, help="read inline markup in the prompt: [[text]] is noised, "
-                                   "[[text|LABEL]] becomes a placeholder, the rest is public (default: the whole "
-                                   "message is private)"),
-    max_new_tokens: int = typer.Option(40),
+    prompt: str = typer.Option(DEMO_PROMPT, help="the user's message"),
+    selective: bool = typer.Option(False, help="read inline markup in the prompt instead of detecting: [[text]] is "
+                                   "noised, [[text|LABEL]] becomes a placeholder, the rest is public"),
+    max_new_tokens: int = typer.Option(64),
     port: int = typer.Option(8765),
 ) -> None:
-    """Start the server on the default model and send one prompt through the SDK under the default privacy policy:
-    what stayed on the device, what was public, the epsilon spent, the ledger's remaining budget, the attack rate."""
+    """Start the server on the default model and send one prompt through the SDK twice under the default privacy
+    policy: first with only what the device detects (names, places, identifiers) replaced by placeholders and
+    restored in the answer, then wholly private; what stayed on the device, the epsilon spent, the attack rate."""
     from client_sdk.client import PrivateLLMClient
-    from client_sdk.spans import markup
+    from client_sdk.detect import detect_messages
+    from client_sdk.spans import Conversation, as_messages, markup
 
-    message = [{"role": "user", "content": markup(prompt)}] if selective else prompt
+    typer.echo(f"prompt: {prompt!r}")
     with local_server(port) as url:
         with PrivateLLMClient(url, budget_key="veil-demo") as client:
-            typer.echo(f"prompt: {prompt!r}")
-            _show_spans(client, message)
-            result = client.generate(message, max_new_tokens=max_new_tokens, stop=["\n\n"])
+            conversation = Conversation()
+            if selective:
+                typer.echo("\n1. only the marked words private (--selective):")
+                messages = as_messages([{"role": "user", "content": markup(prompt)}])
+            else:
+                typer.echo("\n1. only what this device detects private (private='detect'): detected on the device, "
+                           "replaced by placeholders")
+                messages = detect_messages(as_messages(prompt), client.policy.treatments)
+            _show_spans(client, messages, conversation)
+            detected = client.generate(messages, max_new_tokens=max_new_tokens, conversation=conversation)
+            typer.echo(f"answer (placeholders restored on this device): {detected.text.strip()!r}")
+            never_left = list(conversation.originals.values())
+            typer.echo(f"never left this device: {', '.join(repr(v) for v in never_left) or 'nothing was replaced'}; "
+                       f"epsilon spent: {detected.privacy.epsilon:.4g} ({detected.privacy.private_tokens} noised tokens)")
+            typer.echo("\n2. the same prompt wholly private (the default for a plain string): every word of it noised")
+            _show_spans(client, as_messages(prompt), Conversation())
+            result = client.generate(prompt, max_new_tokens=max_new_tokens)
             remaining = client.ledger.remaining("veil-demo")
             ledger_path = client.ledger.path
     report = result.privacy
@@ -156,17 +172,16 @@ def demo(
         typer.echo(f"ledger: {ledger_path}, budget key 'veil-demo': {remaining:.4g} epsilon left (composed)")
     typer.echo(f"attack: {_measured_recovery(report)}")
     if report.private_tokens:
-        typer.echo("why the answer may not name the city: the server, and so the model, read the private tokens only "
-                   "through noise strong enough that the best known attack recovers few of them; when the word naming "
-                   "the country is private the model cannot read it either. Mark only the sensitive words private "
-                   "(--selective, e.g. 'What is the capital of [[France|COUNTRY]]?') to keep the rest readable.")
+        typer.echo("what the noise costs: the server, and so the model, read the private tokens only through noise "
+                   "strong enough that the best known attack recovers few of them, so the model cannot read them "
+                   "either; with detection only the sensitive words are withheld and the rest stays readable.")
     if result.soft_prompt:
         typer.echo(f"soft prompt used: {result.soft_prompt} (trained for mu={result.soft_prompt_mu:g})")
-    typer.echo(f"bytes sent: {result.bytes_sent}")
+    typer.echo(f"bytes sent: {detected.bytes_sent} (detected), {result.bytes_sent} (wholly private)")
 
 
 BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse",
-              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "gateway", "mutation")
+              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "gateway", "mutation", "detect")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -26,7 +26,7 @@ from client_sdk.bundle import (DEFAULT_CACHE_DIR, MAX_BUNDLE_INFO_BYTES, ClientB
 from client_sdk.capped import acapped, aget_capped, capped, get_capped
 from client_sdk.errors import BudgetExceededError, BundleError, ProtocolError, ServerError
 from client_sdk.mechanism import MechanismParams, secure_rng
-from client_sdk.policy import PrivacyPolicy
+from client_sdk.policy import PrivacyPolicy, check_private
 from client_sdk.privatize import privatize_spans
 from client_sdk.schemas import GenerateResponse
 from client_sdk.spans import Conversation, Message, as_messages
@@ -36,6 +36,7 @@ SENT = "the prompt was sent and its privacy charged"
 MAX_ANSWER_BYTES = 16 << 20
 """A generation's answer (JSON, or the whole event stream)."""
 ANSWER = f"the answer ({SENT})"
+Private = Literal["message", "detect"]
 
 
 def default_ledger_path() -> Path:
@@ -122,13 +123,20 @@ class _ClientCore:
             store_verified(self.cache_dir, response.content, sha, what)
         return ClientBundle.from_cache(info, self.cache_dir, self.chat_templates)
 
-    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool,
-                conversation: Conversation | None) -> PreparedPrompt:
+    def prepare(self, bundle: ClientBundle, prompt: Prompt, chat: bool, conversation: Conversation | None,
+                private: Private | None) -> PreparedPrompt:
         params = bundle.mechanism(self.policy, mu=self.mu, bits=self.bits, projection_id=self.projection_id,
                                   allow_looser_bundle=self.allow_looser_bundle)
         projection = bundle.projection(self.projection_id)
         conversation = conversation if conversation is not None else Conversation()
-        spans = bundle.spans(as_messages(prompt), chat=chat, conversation=conversation)
+        messages = as_messages(prompt)
+        private = private or self.policy.private
+        check_private(private)
+        if private == "detect":
+            from client_sdk.detect import detect_messages
+
+            messages = detect_messages(messages, self.policy.treatments)
+        spans = bundle.spans(messages, chat=chat, conversation=conversation)
         payload = privatize_spans(spans, bundle.tables[projection.id], params, projection.id, self._rng)
         report = privacy_report(params, payload.private_tokens, self.policy.delta, public_tokens=payload.public_tokens)
         return PreparedPrompt(wire.encode(payload), params, report, conversation)
@@ -262,6 +270,9 @@ _COMMON_DOC = """
     conversation (per call): a client_sdk.Conversation kept across the calls of one conversation, so that every
         value marked in it is replaced or noised wherever it appears again, also in public or assistant turns,
         and answers are restored only from the placeholders it issued; default: a fresh one per call.
+    private (per call): "detect" makes only what the on-device detector finds private in each message given as a
+        string (client_sdk.detect; the policy's `treatments` say placeholder or noise per label), the rest public;
+        "message" keeps the whole message private; default: the policy's `private` ("message").
 """
 
 
@@ -313,9 +324,10 @@ class PrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None) -> PreparedPrompt:
+    def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None,
+                private: Private | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(self.bundle, prompt, chat, conversation)
+        return self._core.prepare(self.bundle, prompt, chat, conversation, private)
 
     def generate(
         self,
@@ -330,10 +342,11 @@ class PrivateLLMClient:
         chat: bool = True,
         budget_key: str | None = None,
         conversation: Conversation | None = None,
+        private: Private | None = None,
     ) -> GenerationResult | GenerationStream:
         """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
         answer (or a stream of it)."""
-        prepared = self.prepare(prompt, chat=chat, conversation=conversation)
+        prepared = self.prepare(prompt, chat=chat, conversation=conversation, private=private)
         request = self._core.charged_request(self._http, prepared, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                              stream=stream, budget_key=budget_key)
@@ -434,10 +447,10 @@ class AsyncPrivateLLMClient:
                     self._bundle = done.value
         return self._bundle
 
-    async def prepare(self, prompt: Prompt, *, chat: bool = True,
-                      conversation: Conversation | None = None) -> PreparedPrompt:
+    async def prepare(self, prompt: Prompt, *, chat: bool = True, conversation: Conversation | None = None,
+                      private: Private | None = None) -> PreparedPrompt:
         """Privatize a prompt without sending it (to inspect its cost)."""
-        return self._core.prepare(await self.get_bundle(), prompt, chat, conversation)
+        return self._core.prepare(await self.get_bundle(), prompt, chat, conversation, private)
 
     async def generate(
         self,
@@ -452,10 +465,11 @@ class AsyncPrivateLLMClient:
         chat: bool = True,
         budget_key: str | None = None,
         conversation: Conversation | None = None,
+        private: Private | None = None,
     ) -> GenerationResult | AsyncGenerationStream:
         """Privatize `prompt`, charge its epsilon (to `budget_key`, default the client's), send it and return the
         answer (or a stream of it)."""
-        prepared = await self.prepare(prompt, chat=chat, conversation=conversation)
+        prepared = await self.prepare(prompt, chat=chat, conversation=conversation, private=private)
         # the ledger's durable writes run in a thread: one caller's fsync must not stall the event loop's others
         request = await asyncio.to_thread(self._core.charged_request, self._http, prepared,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

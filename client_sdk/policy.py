@@ -10,8 +10,9 @@ the policy's own mu is used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Literal, Mapping
 
 from client_sdk.accounting import DEFAULT_DELTA
 from client_sdk.accounting import binomial
@@ -28,6 +29,18 @@ DEFAULT_PROMPT_TOKENS = 256
 """The default per-prompt cap lets this many private tokens through at the reference mechanism."""
 DEFAULT_TOTAL_TOKENS = 100_000
 """The default cumulative cap lets this many private tokens through per budget key at the reference mechanism."""
+
+
+DETECT_TREATMENTS: Mapping[str, str] = {label: "placeholder" for label in (
+    "PERSON", "LOCATION", "ORGANIZATION", "EMAIL", "PHONE", "CARD", "IBAN", "ACCOUNT", "DATE_OF_BIRTH", "DATE", "SSN",
+    "NI_NUMBER")}
+"""Detected spans become typed placeholders: the value never leaves the device and costs no epsilon, and the model
+reads a coherent slot it can refer to; noise would send levels the model cannot read at the default mu either."""
+
+
+def check_private(private: str) -> None:
+    if private not in ("message", "detect"):
+        raise ValueError(f"private must be 'message' (the whole message private) or 'detect', got {private!r}")
 
 
 def reference_mechanism(mu: float = REFERENCE_MU) -> MechanismParams:
@@ -58,6 +71,10 @@ class PrivacyPolicy:
     epsilon_per_prompt: cap on one prompt's private tokens together.
     epsilon_total: cap on everything a budget key ever sends, composed (client_sdk.accounting.composition).
     allowed_bits: the n the device may use.
+    private: what is private in a message given as a plain string: "message" (all of it, noised: the default) or
+        "detect" (only what the on-device detector finds, client_sdk.detect; the rest is sent in the clear).
+    treatments: with "detect", the treatment per label, "placeholder" or "noise" (DETECT_TREATMENTS by default:
+        every label a placeholder).
     """
 
     epsilon_per_token: float
@@ -65,6 +82,8 @@ class PrivacyPolicy:
     epsilon_total: float | None = None
     delta: float = DEFAULT_DELTA
     allowed_bits: tuple[int, ...] = tuple(range(1, MAX_BITS + 1))
+    private: Literal["message", "detect"] = "message"
+    treatments: Mapping[str, str] = field(default_factory=lambda: dict(DETECT_TREATMENTS), hash=False)
 
     def __post_init__(self) -> None:
         if not (self.epsilon_per_token > 0 and math.isfinite(self.epsilon_per_token)):
@@ -77,6 +96,9 @@ class PrivacyPolicy:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if not self.allowed_bits or any(b not in range(1, MAX_BITS + 1) for b in self.allowed_bits):
             raise ValueError(f"allowed_bits must be a non-empty subset of 1..{MAX_BITS}, got {self.allowed_bits}")
+        check_private(self.private)
+        if any(t not in ("placeholder", "noise") for t in self.treatments.values()):
+            raise ValueError(f"a detected label's treatment is 'placeholder' or 'noise', got {dict(self.treatments)}")
 
     @classmethod
     def default(cls) -> "PrivacyPolicy":

@@ -1,6 +1,7 @@
 """The clients against an in-process fake server (httpx.MockTransport) built from a random projection."""
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -172,6 +173,23 @@ def test_a_conversation_keeps_its_values_off_the_wire_in_later_public_turns(serv
     with_conversation, without = (wire.decode(r.content).public_ids.tolist() for r in server.generate_requests()[1:])
     assert ID["paris"] not in with_conversation and ID["PERSON_1"] in with_conversation
     assert ID["paris"] in without
+
+
+def test_detection_is_one_argument_away_and_the_whole_message_stays_the_default(server, tmp_path) -> None:
+    prompt = "hello ann@example.com and 4111 1111 1111 1111"
+    with make_client(server, tmp_path) as client:
+        whole = client.prepare(prompt)
+        detected = client.prepare(prompt, private="detect")
+        with pytest.raises(ValueError):
+            client.prepare(prompt, private="names")
+    assert whole.report.private_tokens > 0 and whole.conversation.originals == {}
+    assert detected.conversation.originals == {"[EMAIL_1]": "ann@example.com", "[CARD_1]": "4111 1111 1111 1111"}
+    assert detected.report.private_tokens == 0
+    policy = dataclasses.replace(POLICY, private="detect", treatments={"EMAIL": "noise", "CARD": "placeholder"})
+    with make_client(server, tmp_path, policy=policy) as client:
+        by_policy = client.prepare(prompt)
+    assert by_policy.conversation.originals == {"[CARD_1]": "4111 1111 1111 1111"}
+    assert 0 < by_policy.report.private_tokens < whole.report.private_tokens
 
 
 def test_multi_turn_messages_round_trip(server, tmp_path) -> None:

@@ -24,6 +24,8 @@ params = MechanismParams.from_mu(5.0, bits=4, dim=8, clip=0.05)
 data = privatize_tokens(np.array([0, 1]), np.zeros((4, 8), np.float32), params, "00" * 8)
 report = client_sdk.privacy_report(params, tokens=2)
 assert len(data) == client_sdk.wire.payload_size(2, 8, 4) and report.epsilon > 0
+from client_sdk.detect import detect  # the detector too: numpy and its shipped weights, no NER library
+assert [d.label for d in detect("Mail ann@example.com")] == ["EMAIL"]
 assert not any(m.split(".")[0] in Blocker.BLOCKED for m in sys.modules)
 print("ok")
 """

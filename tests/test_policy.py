@@ -39,3 +39,12 @@ def test_suggestions_and_explicit_settings_must_fit() -> None:
         policy.choose(**args, bits=None, mu=30.0, suggested_mu=1.0)
     with pytest.raises(PolicyError, match="not allowed"):
         policy.choose(**args, bits=8, mu=None, suggested_mu=1.0)
+
+
+def test_the_policy_says_what_is_private_in_a_plain_string() -> None:
+    assert PrivacyPolicy.default().private == "message"  # the whole message, unless the app asks for detection
+    assert set(PrivacyPolicy.default().treatments.values()) == {"placeholder"}
+    with pytest.raises(ValueError):
+        PrivacyPolicy(epsilon_per_token=10.0, private="names")
+    with pytest.raises(ValueError):
+        PrivacyPolicy(epsilon_per_token=10.0, private="detect", treatments={"PERSON": "public"})
