@@ -29,7 +29,7 @@ def serve(
     host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="port (default 8000)"),
     device: str | None = typer.Option(None, help="torch device, e.g. cpu or cuda"),
-    backend: str | None = typer.Option(None, help="what generates: transformers (default) or vllm (GPU)"),
+    backend: str | None = typer.Option(None, help="what generates: llamacpp (default on CPU when installed), transformers or vllm (GPU)"),
     replicas: int | None = typer.Option(None, min=1, help="serve N replicas with Ray Serve on a local Ray cluster, "
                                         "each its own model copy (needs `pip install .[ray]`; docs/DEPLOY.md)"),
     min_replicas: int | None = typer.Option(None, min=1, help="Ray Serve autoscaling: the fewest replicas"),
@@ -135,12 +135,15 @@ def demo(
 ) -> None:
     """Start the server on the default model and send one prompt through the SDK under the default privacy policy:
     what stayed on the device, what was public, the epsilon spent, the ledger's remaining budget, the attack rate."""
+    import httpx
+
     from client_sdk.client import PrivateLLMClient
     from client_sdk.spans import markup
 
     message = [{"role": "user", "content": markup(prompt)}] if selective else prompt
     with local_server(port) as url:
         with PrivateLLMClient(url, budget_key="veil-demo") as client:
+            typer.echo(f"server: the {httpx.get(f'{url}/readyz').json()['backend']} backend")
             typer.echo(f"prompt: {prompt!r}")
             _show_spans(client, message)
             result = client.generate(message, max_new_tokens=max_new_tokens, stop=["\n\n"])

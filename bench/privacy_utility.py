@@ -45,6 +45,7 @@ import torch
 
 from app.files import write_bytes_atomic, write_json_atomic
 from app.engine.request import EngineRequest, GenerationParams
+from app.engine.transformers import decode
 from app.model_runner import ModelRunner
 from app.reconstruction import Projection, load_projection, publish
 from app.settings import ServerSettings
@@ -378,7 +379,7 @@ class Bench:
         answers = []
         for start in range(0, len(embeds), 16):
             chunk = embeds[start : start + 16]
-            answers += [c.text for c in self.runner.decode([EngineRequest(None, e, generation) for e in chunk])]
+            answers += [c.text for c in decode(self.runner, [EngineRequest(None, e, generation) for e in chunk])]
         out = {**info, "answers": answers, "clean_share": float(np.mean([not degenerate(a) for a in answers]))}
         if row == "clean":
             self.reference_answers = answers

@@ -25,6 +25,7 @@ import torch
 
 from app.engine.prefix_cache import compute_prefix
 from app.engine.request import EngineRequest, GenerationParams, SoftPromptPrefix
+from app.engine.transformers import decode
 from app.model_runner import ModelRunner
 from app.service import InferenceService
 from app.settings import ServerSettings
@@ -75,7 +76,7 @@ def kv_cache_rows(runner: ModelRunner, prompt: torch.Tensor, virtual_tokens: lis
             first_token = GenerationParams(max_new_tokens=1)
             cached = [EngineRequest(SoftPromptPrefix("bench", soft), prompt, first_token) for _ in range(batch)]
             full = [EngineRequest(None, torch.cat([soft, prompt]), first_token) for _ in range(batch)]
-            without, with_cache = paired_seconds(lambda: runner.decode(full), lambda: runner.decode(cached, prefix),
+            without, with_cache = paired_seconds(lambda: decode(runner, full), lambda: decode(runner, cached, prefix),
                                                  repeats)
             saved = [(a - b) / batch for a, b in zip(without, with_cache)]
             rows.append({"virtual_tokens": m, "batch": batch,
