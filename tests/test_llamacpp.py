@@ -121,7 +121,7 @@ def test_next_token_distributions_and_first_tokens_match_the_transformers_backen
 def test_concurrent_requests_with_and_without_a_soft_prompt_match_each_alone(smollm2, backend, monkeypatch) -> None:
     soft = SoftPromptPrefix("test-soft", embeds_of(smollm2, "Answer briefly and truthfully."))
     prompts = [PROMPT, "Water boils at", "The largest planet in the solar system is", "Hello"]
-    requests = lambda: [EngineRequest(soft if i % 2 else None, embeds_of(smollm2, p), greedy(6 + i))  # noqa: E731
+    requests = lambda: [EngineRequest(soft if i % 2 else None, embeds_of(smollm2, p), greedy(8 + i))  # noqa: E731
                         for i, p in enumerate(prompts)]
     alone = [backend.submit(r).result(timeout=60) for r in requests()]
     batch_sizes = []
@@ -129,9 +129,12 @@ def test_concurrent_requests_with_and_without_a_soft_prompt_match_each_alone(smo
     together = [a.result(timeout=60) for a in [backend.submit(r) for r in requests()]]
     assert together == alone
     assert max(batch_sizes) == len(prompts)  # they did decode together
-    # the soft prompt inline, without its cached keys and values, gives the same tokens as the copied cache
-    inline = EngineRequest(None, torch.cat([soft.embeddings, embeds_of(smollm2, prompts[1])]), greedy(7))
+    # the soft prompt inline, without its cached keys and values, gives the same tokens as the copied cache; and it
+    # does change the answer
+    inline = EngineRequest(None, torch.cat([soft.embeddings, embeds_of(smollm2, prompts[1])]), greedy(9))
     assert backend.submit(inline).result(timeout=60).token_ids == alone[1].token_ids
+    without = EngineRequest(None, embeds_of(smollm2, prompts[1]), greedy(9))
+    assert backend.submit(without).result(timeout=60).token_ids != alone[1].token_ids
 
 
 def test_the_soft_prompts_keys_are_computed_once_per_version(smollm2, backend, monkeypatch) -> None:
