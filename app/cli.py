@@ -29,7 +29,8 @@ def serve(
     host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="port (default 8000)"),
     device: str | None = typer.Option(None, help="torch device, e.g. cpu or cuda"),
-    backend: str | None = typer.Option(None, help="what generates: llamacpp (default on CPU when installed), transformers or vllm (GPU)"),
+    backend: str | None = typer.Option(None, help="what generates: llamacpp (default on CPU when installed), "
+                                       "transformers or vllm (GPU)"),
     replicas: int | None = typer.Option(None, min=1, help="serve N replicas with Ray Serve on a local Ray cluster, "
                                         "each its own model copy (needs `pip install .[ray]`; docs/DEPLOY.md)"),
     min_replicas: int | None = typer.Option(None, min=1, help="Ray Serve autoscaling: the fewest replicas"),
@@ -169,7 +170,7 @@ def demo(
 
 
 BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse",
-              "rate-limit-store", "ledger", "chat", "selective", "distill-lora")
+              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "backend-utility")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

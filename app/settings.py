@@ -47,8 +47,9 @@ class ServerSettings(BaseSettings):
     vLLM's in-process engine (vllm, GPU). Unset: llamacpp when llama-cpp-python is installed, the device is the CPU
     and the model is a GGUF; transformers otherwise."""
     threads: int | None = None
-    """CPU threads llama.cpp runs on (the llamacpp backend); unset: every CPU this process may use. On a machine
-    shared with other busy processes, fewer threads than CPUs can be much faster (its threads wait by spinning)."""
+    """CPU threads the model runs on (llama.cpp's threads, or torch's for the transformers backend); unset: every
+    CPU this process may use. On a machine shared with other busy processes fewer threads than CPUs can be much
+    faster (llama.cpp's threads wait for each other by spinning)."""
     max_queue: int = 64
     """Generate requests that may wait for the model (beyond the running batch); more get 503 with Retry-After."""
     generation_deadline_s: float = 120.0

@@ -48,14 +48,7 @@ def token_path(smollm2: ModelRunner, ids: list[int], new_tokens: int) -> list[in
     """Greedy tokens from llama.cpp's own token path (token ids in, no embeddings), in a context of its own."""
     model = llamacpp.LlamaCppModel(smollm2_gguf_path(), n_ctx=256, n_seq=1)
     try:
-        out: list[int] = []
-        rows = [llamacpp.Row(0, i, i == len(ids) - 1) for i in range(len(ids))]
-        model.decode_tokens(ids, rows)
-        for step in range(new_tokens):
-            out.append(int(model.logits(len(rows) - 1).argmax()))
-            rows = [llamacpp.Row(0, len(ids) + step, True)]
-            model.decode_tokens(out[-1:], rows)
-        return out
+        return model.greedy(ids, new_tokens)
     finally:
         model.close()
 

@@ -127,6 +127,20 @@ class LlamaCppModel:
             raise RuntimeError(f"llama.cpp has no logits for row {i}")
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
+    def greedy(self, ids: list[int], new_tokens: int, seq: int = 0) -> list[int]:
+        """llama.cpp's own token path: `new_tokens` greedy tokens after the token ids `ids`, run as sequence `seq`
+        from its start (what it held before is dropped)."""
+        self.drop_sequence(seq)
+        self.decode_tokens(ids, [Row(seq, i, i == len(ids) - 1) for i in range(len(ids))])
+        out, last = [], len(ids) - 1
+        for step in range(new_tokens):
+            out.append(int(self.logits(last).argmax()))
+            if step + 1 < new_tokens:
+                self.decode_tokens(out[-1:], [Row(seq, len(ids) + step, True)])
+                last = 0
+        self.drop_sequence(seq)
+        return out
+
     def score(self, embeddings: np.ndarray, seq: int = 0) -> np.ndarray:
         """The logits at every position (T x n_vocab) of `embeddings` (T x n_embd) run as sequence `seq` from its
         start (what it held before is dropped)."""

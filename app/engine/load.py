@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from app.engine import llamacpp
 from app.engine.request import Backend
 from app.model_runner import ModelRunner, gguf_path
@@ -29,5 +31,7 @@ def load_backend(runner: ModelRunner, settings: ServerSettings, name: str) -> Ba
         return llamacpp.LlamaCppBackend.load(runner, settings)
     from app.engine.transformers import TransformersBackend
 
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     return TransformersBackend(runner, max_batch=settings.max_batch_size, window=settings.batch_window_ms / 1000,
                                max_queue=settings.max_queue)
