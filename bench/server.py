@@ -11,7 +11,7 @@ token ids; the backends' tokens/s and their ratio (the ratio of medians, and the
 its standard error); the privacy path's share of a request on each. Then, for soft prompts of each
 --virtual-tokens length (none: skipped), the transformers backend's prefill per request with the soft prompt's keys
 and values cached against running the soft prompt with every request, alone and in a batch of --batch. Prints
-tables and writes bench/results/server.json.
+tables and writes bench/results/server.json (or --out).
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads of both backends (torch and llama.cpp; default: all)")
     parser.add_argument("--virtual-tokens", type=int, nargs="*", default=[32, 100])
     parser.add_argument("--batch", type=int, default=8, help="the batched rows of the KV-cache table")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
 
     if args.threads:
@@ -209,8 +210,8 @@ def main() -> None:
               f"{row['cache_compute_once'] * 1e3:.1f} |")
     for backend in services.values():
         backend.backend.close()
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": platform.platform(), "args": vars(args),
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": platform.platform(), "args": {**vars(args), "out": str(args.out)},
                                    "seconds": rows, **summary, "kv_cache": kv}, indent=2))
 
 if __name__ == "__main__":

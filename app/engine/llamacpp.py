@@ -10,9 +10,10 @@ its deadline. A soft prompt's keys and values are computed once per artifact ver
 and copied into each request's sequence (`llama_memory_seq_cp`: in the unified cache the cells are shared, not
 duplicated).
 
-Build llama-cpp-python without native CPU detection (README, `CMAKE_ARGS`): on CPUs whose cpuid reports AMX that
-the kernel does not enable (e.g. some VMs), the native build's AMX kernels crash (SIGSEGV) on any batch of more
-than one token.
+Build llama-cpp-python without native CPU detection (README: `CMAKE_ARGS="-DGGML_NATIVE=OFF ..."`, which gives
+AVX2/FMA/F16C kernels and no AMX). On the development machine a native build reported AMX_INT8, which its kernel
+does not list (/proc/cpuinfo), and crashed (SIGSEGV) in `llama_decode` on any batch of more than one token; the
+non-native build decodes batches of up to BATCH_TOKENS there (tests/test_llamacpp.py).
 """
 
 from __future__ import annotations
