@@ -73,8 +73,9 @@ class Row:
 
 
 class LlamaCppModel:
-    """A GGUF model and one llama.cpp context with a unified KV cache of `n_ctx` cells shared by `n_seq` sequences;
-    decodes batches of embeddings or of token ids and reads their logits. Not thread-safe: one thread uses it."""
+    """A GGUF model and one llama.cpp context with a unified KV cache of `n_ctx` cells (at most the model's training
+    context) shared by `n_seq` sequences; decodes batches of embeddings or of token ids and reads their logits. Not
+    thread-safe: one thread uses it."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_seq: int, threads: int | None = None) -> None:
         llama = self.llama = _llama()
@@ -85,6 +86,8 @@ class LlamaCppModel:
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         params = llama.llama_context_default_params()
+        # in a unified cache every sequence may reach any cell: more cells than the model was trained on draw a warning
+        n_ctx = min(n_ctx, llama.llama_model_n_ctx_train(self.model))
         threads = threads or len(os.sched_getaffinity(0))
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, BATCH_TOKENS, BATCH_TOKENS, n_seq
         params.n_threads = params.n_threads_batch = threads
