@@ -142,6 +142,26 @@ def test_the_soft_prompts_keys_are_computed_once_per_version(smollm2, backend, m
     assert len([s for s in computed if s in prefix_seqs]) == 2
 
 
+def test_a_prompt_reuses_the_keys_of_the_leading_rows_recent_prompts_share(smollm2, backend, monkeypatch) -> None:
+    def chat(question: str) -> list[int]:
+        return list(smollm2.tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                          add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"])
+
+    first, second = chat("What is the capital of France?"), chat("Name a large river in Europe.")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)  # the template's system prompt
+    assert shared > 20
+    table = smollm2.input_embeddings.detach()
+    for ids in [first, chat("Why is the sky blue?")]:  # the second makes the shared rows the template
+        backend.submit(EngineRequest(None, table[ids], greedy(2))).result(timeout=60)
+    decoded = []
+    monkeypatch.setattr(backend.model, "decode_embeddings",
+                        lambda e, rows, f=backend.model.decode_embeddings: (decoded.append(len(rows)), f(e, rows)))
+    answer = backend.submit(EngineRequest(None, table[second], greedy(12))).result(timeout=60)
+    assert sum(decoded) == len(second) - shared  # only the rows after the shared ones ran
+    assert list(answer.token_ids) == token_path(smollm2, second, 12)  # the same answer as running them all
+
+
 def test_streaming_and_stop_strings(smollm2, backend) -> None:
     full = backend.submit(EngineRequest(None, embeds_of(smollm2, PROMPT), greedy(16))).result(timeout=60)
     stop = full.text[len(full.text) // 2:][:3]

@@ -44,6 +44,9 @@ log = logging.getLogger("veil.llamacpp")
 
 PREFIX_SEQUENCES = 4
 """Soft prompts whose keys and values stay in the KV cache at once (least recently used dropped beyond)."""
+TEMPLATE = " prompt template"
+"""The resident prefix holding the leading rows recent prompts share (not an artifact name: those have no spaces)."""
+MIN_TEMPLATE_ROWS = 8
 BATCH_TOKENS = 512
 """llama.cpp's n_batch and n_ubatch: the most tokens one `llama_decode` call takes (longer prefills are split)."""
 
@@ -228,6 +231,8 @@ class LlamaCppBackend:
         self._free_seqs = list(range(max_running))
         self._free_prefix_seqs = list(range(max_running, max_running + PREFIX_SEQUENCES))
         self._prefixes: OrderedDict[str, ResidentPrefix] = OrderedDict()
+        self._last_prompt: torch.Tensor | None = None
+        self._template: torch.Tensor | None = None  # the leading rows the last two prompts shared
         self._running: list[Sequence] = []
         self._waiting: deque[tuple[EngineRequest, Future[Completion]]] = deque()
         self._reserved = 0  # KV cells reserved by running requests and resident soft prompts
@@ -327,8 +332,9 @@ class LlamaCppBackend:
         return admitted
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        """Copy each new sequence's soft prompt in and run its embeddings, in batches of BATCH_TOKENS rows; the last
-        row of each asks for logits, from which its first token is drawn."""
+        """Copy each new sequence's soft prompt in, or the keys of the leading rows its prompt shares with recent ones
+        (a chat template's public system prompt), and run the rest of its embeddings, in batches of BATCH_TOKENS
+        rows; the last row of each asks for logits, from which its first token is drawn."""
         rows: list[Row] = []
         chunks: list[np.ndarray] = []
         last_rows: dict[int, Sequence] = {}  # row index in the pending batch -> the sequence it ends
@@ -342,11 +348,15 @@ class LlamaCppBackend:
 
         self._running += admitted
         for s in admitted:
+            done = 0
             if s.request.prefix is not None:
                 prefix = self._prefix(s.request.prefix)
                 self.model.copy_sequence(prefix.seq, s.seq)
                 s.position = prefix.length
-            embeds, done = s.request.embeds.detach().to(torch.float32).numpy(), 0
+            elif (template := self._template_for(s.request.embeds)) is not None:
+                self.model.copy_sequence(self._prefix(template).seq, s.seq)
+                s.position = done = len(template.embeddings)
+            embeds = s.request.embeds.detach().to(torch.float32).numpy()
             while done < len(embeds):
                 if len(rows) == BATCH_TOKENS:
                     flush()
@@ -358,6 +368,23 @@ class LlamaCppBackend:
             last_rows[len(rows) - 1] = s
         flush()
         self._retire()
+
+    def _template_for(self, embeds: torch.Tensor) -> SoftPromptPrefix | None:
+        """The leading rows this prompt shares with recent prompts, as a prefix whose keys are computed once: the
+        current template when the prompt begins with it, else the rows it shares with the last prompt (at least
+        MIN_TEMPLATE_ROWS, and never the prompt's last row, which gives the logits), which become the template."""
+        last, self._last_prompt = self._last_prompt, embeds
+        template = self._template
+        if template is None or len(template) >= len(embeds) or not torch.equal(embeds[:len(template)], template):
+            if last is None:
+                return None
+            n = min(len(last), len(embeds) - 1)
+            same = (last[:n] == embeds[:n]).all(dim=1)
+            n = n if bool(same.all()) else int(same.to(torch.int8).argmin())
+            if n < MIN_TEMPLATE_ROWS:
+                return None
+            template = self._template = embeds[:n].detach().clone()
+        return SoftPromptPrefix(TEMPLATE, template)
 
     def _step(self) -> None:
         """Every running sequence decodes its last token; each draws its next."""
