@@ -7,7 +7,7 @@ buys; and overload, beyond what the server queues.
 
 Without --url it starts `veil serve` (the default model) on loopback, one server per backend of --backends (both
 up at once, measured in turn: each row of clients runs on every backend before the next, so that they see about
-the same machine load). Every client loops over privatized payloads of prompts of different lengths (prepared once
+the same machine load). Every client loops over privatized payloads of prompts of different lengths (8 per prompt, fresh noise each, prepared once
 by the SDK: the client's work is not what is measured) and posts them to /v1/generate for the given seconds; after
 a 503 it waits the Retry-After the server sent. One client first, as the one-at-a-time baseline, then each
 concurrency. Prints a table (requests/s, tokens/s, p50/p95/p99 latency, errors, speed-up over one client, and over
@@ -42,10 +42,12 @@ PROMPTS = ["What is the capital of France?", "Tell me a short story about a ligh
            "List three uses of a paperclip.", "Why is the sky blue? Explain it simply to a child of seven."]
 
 
-def payloads(url: str) -> list[bytes]:
-    """One privatized payload per prompt, made by the SDK as an app would (server's default mechanism)."""
+def payloads(url: str, each: int = 8) -> list[bytes]:
+    """`each` privatized payloads per prompt (fresh noise each, as clients send: the llama.cpp backend reuses the
+    keys of leading rows a prompt shares with recent ones, which a replayed payload would share entirely), made by
+    the SDK as an app would (server's default mechanism), the prompts interleaved."""
     with PrivateLLMClient(url) as client:
-        return [client.prepare(prompt).payload for prompt in PROMPTS]
+        return [client.prepare(prompt).payload for _ in range(each) for prompt in PROMPTS]
 
 
 async def run_load(url: str, bodies: list[bytes], clients: int, seconds: float, max_new_tokens: int,
