@@ -10,8 +10,9 @@ up at once, measured in turn: each row of clients runs on every backend before t
 the same machine load). Every client loops over privatized payloads of prompts of different lengths (8 per prompt,
 fresh noise each, prepared once by the SDK: the client's work is not what is measured) and posts them to
 /v1/generate for the given seconds; after a 503 it waits the Retry-After the server sent. One client first, as the
-one-at-a-time baseline, then each concurrency. Prints a table (requests/s, tokens/s, p50/p95/p99 latency, errors, speed-up over one client, and over
-the first backend at the same concurrency) and writes bench/results/load.json. With --url: that server alone.
+one-at-a-time baseline, then each concurrency. Prints a table (requests/s, tokens/s, p50/p95/p99 latency, errors,
+speed-up over one client, and over the first backend at the same concurrency) and writes bench/results/load.json.
+With --url: that server alone.
 
 --overload starts the server with VEIL_MAX_QUEUE=--queue (with --url: says what the server was started with) and
 runs 4 x that many clients; it counts every status code (the server must answer each with 200 or 503), then
