@@ -8,7 +8,9 @@ converted from, so they are the GGUF's own), and every running sequence decodes 
 A request joins the batch the step after it arrives and leaves it the step it finishes, is cancelled or runs past
 its deadline. A soft prompt's keys and values are computed once per artifact version, into a sequence of their own,
 and copied into each request's sequence (`llama_memory_seq_cp`: in the unified cache the cells are shared, not
-duplicated).
+duplicated); so are those of the leading rows recent prompts share (a chat template's public system prompt, the
+same embedding rows in every chat request). A prefix's keys are always computed in a sequence of their own: copying
+a request's cells back into a shared sequence gave wrong tokens in this llama.cpp (0.3.36).
 
 Build llama-cpp-python without native CPU detection (README: `CMAKE_ARGS="-DGGML_NATIVE=OFF ..."`, which gives
 AVX2/FMA/F16C kernels and no AMX). On the development machine a native build reported AMX_INT8, which its kernel
