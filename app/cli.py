@@ -29,7 +29,8 @@ def serve(
     host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="port (default 8000)"),
     device: str | None = typer.Option(None, help="torch device, e.g. cpu or cuda"),
-    backend: str | None = typer.Option(None, help="what generates: transformers (default) or vllm (GPU)"),
+    backend: str | None = typer.Option(None, help="what generates: llamacpp (default on CPU when installed), "
+                                       "transformers or vllm (GPU)"),
     replicas: int | None = typer.Option(None, min=1, help="serve N replicas with Ray Serve on a local Ray cluster, "
                                         "each its own model copy (needs `pip install .[ray]`; docs/DEPLOY.md)"),
     min_replicas: int | None = typer.Option(None, min=1, help="Ray Serve autoscaling: the fewest replicas"),
@@ -109,9 +110,9 @@ def _measured_recovery(report) -> str:
             f"measured on {point['corpus']} ({point['command']})")
 
 
-def _show_spans(client, messages, conversation) -> None:
+def _show_spans(client, messages, conversation, chat: bool = True) -> None:
     """What stays on the device (private spans, placeholders) and what the server sees in the clear."""
-    spans = client.bundle.spans(messages, conversation=conversation)
+    spans = client.bundle.spans(messages, chat=chat, conversation=conversation)
     decode = client.bundle.tokenizer.decode
     for span in spans:
         text = decode(span.ids.tolist(), skip_special_tokens=False)
@@ -136,6 +137,8 @@ def demo(
     """Start the server on the default model and send one prompt through the SDK twice under the default privacy
     policy: first with only what the device detects (names, places, identifiers) replaced by placeholders and
     restored in the answer, then wholly private; what stayed on the device, the epsilon spent, the attack rate."""
+    import httpx
+
     from client_sdk.client import PrivateLLMClient
     from client_sdk.detect import detect_messages
     from client_sdk.spans import Conversation, as_messages, markup
@@ -143,6 +146,7 @@ def demo(
     typer.echo(f"prompt: {prompt!r}")
     with local_server(port) as url:
         with PrivateLLMClient(url, budget_key="veil-demo") as client:
+            typer.echo(f"server: the {httpx.get(f'{url}/readyz').json()['backend']} backend")
             conversation = Conversation()
             if selective:
                 typer.echo("\n1. only the marked words private (--selective):")
@@ -157,9 +161,10 @@ def demo(
             never_left = list(conversation.originals.values())
             typer.echo(f"never left this device: {', '.join(repr(v) for v in never_left) or 'nothing was replaced'}; "
                        f"epsilon spent: {detected.privacy.epsilon:.4g} ({detected.privacy.private_tokens} noised tokens)")
-            typer.echo("\n2. the same prompt wholly private (the default for a plain string): every word of it noised")
-            _show_spans(client, as_messages(prompt), Conversation())
-            result = client.generate(prompt, max_new_tokens=max_new_tokens)
+            typer.echo("\n2. the same prompt wholly private, the chat template too (chat=False): every token noised, "
+                       "and the server prepends the soft prompt trained for this level")
+            _show_spans(client, as_messages(prompt), Conversation(), chat=False)
+            result = client.generate(prompt, max_new_tokens=max_new_tokens, chat=False)
             remaining = client.ledger.remaining("veil-demo")
             ledger_path = client.ledger.path
     report = result.privacy
@@ -181,7 +186,8 @@ def demo(
 
 
 BENCHMARKS = ("client", "server", "privacy", "utility", "privacy-utility", "dp-soft-prompt", "load", "abuse",
-              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "gateway", "mutation", "detect")
+              "rate-limit-store", "ledger", "chat", "selective", "distill-lora", "gateway", "mutation", "detect",
+              "backend-utility")
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

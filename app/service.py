@@ -11,7 +11,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from app.engine.load import load_backend
+from app.engine.load import backend_name, load_backend
 from app.engine.request import Completion, EngineRequest, GenerationParams, SoftPromptPrefix
 from app.model_runner import ModelRunner
 from app.reconstruction import PublishedProjection, load_projections, pca_projection, publish, reconstruct_payload
@@ -66,7 +66,8 @@ class InferenceService:
 
     def __init__(self, runner: ModelRunner, settings: ServerSettings):
         self.runner, self.settings = runner, settings
-        self.backend = load_backend(runner, settings)
+        self.backend_name = backend_name(runner, settings)
+        self.backend = load_backend(runner, settings, self.backend_name)
         tokenizer = runner.tokenizer
         self.tokenizer_bytes = tokenizer.backend_tokenizer.to_str().encode()
         self.catalog = self._load_catalog()

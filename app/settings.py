@@ -42,8 +42,14 @@ class ServerSettings(BaseSettings):
     """Generate requests that arrive while the model is busy run together, up to this many at once."""
     batch_window_ms: float = 5.0
     """How long the batcher waits for more requests after the first one."""
-    backend: Literal["transformers", "vllm"] = "transformers"
-    """What generates: the model in this process (transformers) or vLLM's in-process engine (vllm, GPU)."""
+    backend: Literal["transformers", "llamacpp", "vllm"] | None = None
+    """What generates: llama.cpp on the model's GGUF (llamacpp, CPU), the model in this process (transformers) or
+    vLLM's in-process engine (vllm, GPU). Unset: llamacpp when llama-cpp-python is installed, the device is the CPU
+    and the model is a GGUF; transformers otherwise."""
+    threads: int | None = None
+    """CPU threads the model runs on (llama.cpp's threads, or torch's for the transformers backend); unset: every
+    CPU this process may use. On a machine shared with other busy processes fewer threads than CPUs can be much
+    faster (llama.cpp's threads wait for each other by spinning)."""
     max_queue: int = 64
     """Generate requests that may wait for the model (beyond the running batch); more get 503 with Retry-After."""
     generation_deadline_s: float = 120.0

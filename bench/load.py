@@ -1,14 +1,18 @@
-"""Load on a running server: throughput and latency of concurrent private requests, and what batching buys; and
-overload, beyond what the server queues.
+"""Load on a running server: throughput and latency of concurrent private requests, per backend, and what batching
+buys; and overload, beyond what the server queues.
 
     veil bench load [--url URL] [--clients 8 32] [--seconds 30] [--max-new-tokens 16]
+                    [--backends transformers llamacpp] [--threads N]
     veil bench load --overload [--queue 8] [--seconds 30]
 
-Without --url it starts `veil serve` (the default model) on loopback. Every client loops over privatized payloads
-of prompts of different lengths (prepared once by the SDK: the client's work is not what is measured) and posts
-them to /v1/generate for the given seconds; after a 503 it waits the Retry-After the server sent. One client
-first, as the one-at-a-time baseline, then each concurrency. Prints a table (requests/s, tokens/s, p50/p95/p99
-latency, errors, speed-up over one client) and writes bench/results/load.json.
+Without --url it starts `veil serve` (the default model) on loopback, one server per backend of --backends (both
+up at once, measured in turn: each row of clients runs on every backend before the next, so that they see about
+the same machine load). Every client loops over privatized payloads of prompts of different lengths (8 per prompt,
+fresh noise each, prepared once by the SDK: the client's work is not what is measured) and posts them to
+/v1/generate for the given seconds; after a 503 it waits the Retry-After the server sent. One client first, as the
+one-at-a-time baseline, then each concurrency. Prints a table (requests/s, tokens/s, p50/p95/p99 latency, errors,
+speed-up over one client, and over the first backend at the same concurrency) and writes bench/results/load.json.
+With --url: that server alone.
 
 --overload starts the server with VEIL_MAX_QUEUE=--queue (with --url: says what the server was started with) and
 runs 4 x that many clients; it counts every status code (the server must answer each with 200 or 503), then
@@ -23,6 +27,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import httpx
@@ -38,10 +43,12 @@ PROMPTS = ["What is the capital of France?", "Tell me a short story about a ligh
            "List three uses of a paperclip.", "Why is the sky blue? Explain it simply to a child of seven."]
 
 
-def payloads(url: str) -> list[bytes]:
-    """One privatized payload per prompt, made by the SDK as an app would (server's default mechanism)."""
+def payloads(url: str, each: int = 8) -> list[bytes]:
+    """`each` privatized payloads per prompt (fresh noise each, as clients send: the llama.cpp backend reuses the
+    keys of leading rows a prompt shares with recent ones, which a replayed payload would share entirely), made by
+    the SDK as an app would (server's default mechanism), the prompts interleaved."""
     with PrivateLLMClient(url) as client:
-        return [client.prepare(prompt).payload for prompt in PROMPTS]
+        return [client.prepare(prompt).payload for _ in range(each) for prompt in PROMPTS]
 
 
 async def run_load(url: str, bodies: list[bytes], clients: int, seconds: float, max_new_tokens: int,
@@ -118,46 +125,50 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--backends", nargs="+", default=["transformers", "llamacpp"],
+                        choices=["transformers", "llamacpp", "vllm"],
+                        help="one server each (without --url); the first is the baseline of the comparison")
+    parser.add_argument("--threads", type=int, help="VEIL_THREADS of the servers (llama.cpp's threads)")
     parser.add_argument("--overload", action="store_true", help="4 x the queue's capacity of clients")
     parser.add_argument("--queue", type=int, default=8, help="VEIL_MAX_QUEUE of the server (--overload)")
     parser.add_argument("--out", type=Path, help="where the JSON goes (default: bench/results/load*.json)")
     args = parser.parse_args()
     out = args.out or (OVERLOAD_RESULTS if args.overload else RESULTS)
-
-    def measure(url: str) -> list[dict] | dict:
-        bodies = payloads(url)
-        if args.overload:
-            return overload(url, bodies, args.queue, args.seconds, args.max_new_tokens)
-        return [asyncio.run(run_load(url, bodies, clients, args.seconds, args.max_new_tokens))
-                for clients in [1, *args.clients]]
-
-    if args.url:
-        measured = measure(args.url)
-    else:
-        env = {"VEIL_MAX_QUEUE": str(args.queue)} if args.overload else None
-        with local_server(args.port, env) as url:
-            measured = measure(url)
-    record = {"args": {**vars(args), "out": str(out)}}
+    record: dict = {"args": {**vars(args), "out": str(out)}}
     if args.overload:
+        env = {"VEIL_MAX_QUEUE": str(args.queue)}
+        with nullcontext(args.url) if args.url else local_server(args.port, env) as url:
+            measured = overload(url, payloads(url), args.queue, args.seconds, args.max_new_tokens)
         print_overload(measured, args.max_new_tokens)
         record.update(measured)
     else:
-        print_rows(measured, args)
-        record["rows"] = measured
+        threads = {"VEIL_THREADS": str(args.threads)} if args.threads else {}
+        with ExitStack() as stack:
+            urls = {"server": args.url} if args.url else {
+                name: stack.enter_context(local_server(args.port + i, {"VEIL_BACKEND": name, **threads}))
+                for i, name in enumerate(args.backends)}
+            bodies = payloads(next(iter(urls.values())))  # the servers serve the same bundle
+            rows: dict[str, list[dict]] = {name: [] for name in urls}
+            for clients in [1, *args.clients]:
+                for name, url in urls.items():
+                    rows[name].append(asyncio.run(run_load(url, bodies, clients, args.seconds, args.max_new_tokens)))
+        print_rows(rows, args)
+        record["backends"] = rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def print_rows(rows: list[dict], args: argparse.Namespace) -> None:
-    base = rows[0]["tokens_per_second"]
+def print_rows(rows: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    first = next(iter(rows))
     print(f"\n{args.seconds:g} s per row, {args.max_new_tokens} new tokens per request, {len(PROMPTS)} prompts\n")
-    print("| clients | requests/s | tokens/s | vs 1 client | p50 s | p95 s | p99 s | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['clients']} | {row['requests_per_second']:.2f} | {row['tokens_per_second']:.1f} | "
-              f"{row['tokens_per_second'] / base:.2f}x | {row['p50']:.2f} | {row['p95']:.2f} | {row['p99']:.2f} | "
-              f"{row['errors']} |")
-
+    print(f"| backend | clients | requests/s | tokens/s | vs 1 client | vs {first} | p50 s | p95 s | p99 s | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, backend_rows in rows.items():
+        for row, base in zip(backend_rows, rows[first]):
+            print(f"| {name} | {row['clients']} | {row['requests_per_second']:.2f} | {row['tokens_per_second']:.1f} | "
+                  f"{row['tokens_per_second'] / backend_rows[0]['tokens_per_second']:.2f}x | "
+                  f"{row['tokens_per_second'] / base['tokens_per_second']:.2f}x | {row['p50']:.2f} | "
+                  f"{row['p95']:.2f} | {row['p99']:.2f} | {row['errors']} |")
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,7 @@ import torch
 
 from app.files import write_bytes_atomic, write_json_atomic
 from app.engine.request import EngineRequest, GenerationParams
+from app.engine.transformers import decode
 from app.model_runner import ModelRunner
 from app.provenance import package_versions
 from app.reconstruction import PublishedProjection, load_projection
@@ -382,7 +383,7 @@ class Bench:
         answers = []
         for start in range(0, len(embeds), 16):
             chunk = embeds[start : start + 16]
-            answers += [c.text for c in self.runner.decode([EngineRequest(None, e, generation) for e in chunk])]
+            answers += [c.text for c in decode(self.runner, [EngineRequest(None, e, generation) for e in chunk])]
         out = {**info, "answers": answers, "clean_share": float(np.mean([not degenerate(a) for a in answers]))}
         if row == "clean":
             self.reference_answers = answers

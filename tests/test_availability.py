@@ -13,6 +13,7 @@ import pytest
 
 from app.api import create_app
 from app.engine.request import EngineRequest, GenerationParams
+from app.engine.transformers import decode
 from client_sdk import PrivateLLMClient
 from tests.conftest import LoopbackServer, tiny_runner
 
@@ -107,10 +108,10 @@ def test_a_cancelled_row_leaves_its_batch_at_once() -> None:
     gone = EngineRequest(None, embeds[0], GenerationParams(max_new_tokens=20))
     gone.on_text = lambda piece: gone.cancelled.set()  # its client leaves after the first piece
     stays = EngineRequest(None, embeds[1], GenerationParams(max_new_tokens=20))
-    answers = runner.decode([gone, stays])
+    answers = decode(runner, [gone, stays])
     assert answers[0].finish_reason == "cancelled" and answers[1].new_tokens == 20
     assert sizes == [2, 2] + [1] * 18  # from the token after the cancel, one row only
-    assert answers[1] == runner.decode([EngineRequest(None, embeds[1], GenerationParams(max_new_tokens=20))])[0]
+    assert answers[1] == decode(runner, [EngineRequest(None, embeds[1], GenerationParams(max_new_tokens=20))])[0]
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_recovers_at_once(settings, client_cache) -> None:

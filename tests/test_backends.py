@@ -1,17 +1,23 @@
 """The transformers backend on the tiny model: the soft prompt's cached keys and values give the same answers as
 running the soft prompt with every prompt (transformers' own `generate` on the concatenated embeddings), batched
-and alone; the cache is computed once per artifact version; stop strings are matched on decoded text."""
+and alone; the cache is computed once per artifact version; stop strings are matched on decoded text. Which backend
+serves by default (the llama.cpp backend's own tests: tests/test_llamacpp.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from app.engine import prefix_cache
+from app.engine import llamacpp, prefix_cache
+from app.engine.load import backend_name
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import EngineRequest, GenerationParams, SoftPromptPrefix
 from app.engine.text import TextStream, check_stop
-from app.engine.transformers import TransformersBackend
+from app.engine.transformers import TransformersBackend, decode
+from app.settings import ServerSettings
 from tests.conftest import tiny_runner
 
 
@@ -52,10 +58,10 @@ def test_the_cached_soft_prompt_answers_as_the_soft_prompt_run_with_each_prompt(
     expected = reference(runner, soft.embeddings, embeds, new_tokens=12)
     cache = PrefixCache(runner.model)
     requests = [EngineRequest(soft, e, GenerationParams(max_new_tokens=12)) for e in embeds]
-    answers = runner.decode(requests, cache.get(soft))
+    answers = decode(runner, requests, cache.get(soft))
     assert [a.token_ids for a in answers] == expected
     # and batched answers equal each prompt alone
-    assert [runner.decode([r], cache.get(soft))[0].token_ids for r in requests] == expected
+    assert [decode(runner, [r], cache.get(soft))[0].token_ids for r in requests] == expected
 
 
 def test_the_backend_computes_each_soft_prompts_keys_and_values_once(runner, monkeypatch) -> None:
@@ -82,10 +88,10 @@ def test_stop_strings_end_generation_on_the_decoded_text_without_transformers_st
 
     monkeypatch.setattr(criteria.StopStringCriteria, "__init__", refuse)
     embeds = prompts(1)[0]
-    full = runner.decode([EngineRequest(None, embeds, GenerationParams(max_new_tokens=12))])[0]
+    full = decode(runner, [EngineRequest(None, embeds, GenerationParams(max_new_tokens=12))])[0]
     words = full.text.split()
     stop = " ".join(words[3:5])  # spans two tokens
-    cut = runner.decode([EngineRequest(None, embeds, GenerationParams(max_new_tokens=12, stop=(stop, "zzz")))])[0]
+    cut = decode(runner, [EngineRequest(None, embeds, GenerationParams(max_new_tokens=12, stop=(stop, "zzz")))])[0]
     assert cut.text == full.text[: full.text.index(stop)]
     completing = next(k for k in range(1, 13) if stop in runner.tokenizer.decode(full.token_ids[:k]))
     assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[:completing]  # stopped right there
@@ -109,3 +115,18 @@ def test_stop_strings_are_bounded_in_tokens_and_characters(runner) -> None:
     assert "tokens" in check_stop((" ".join(["paris"] * 33),), tokenizer)
     assert "characters" in check_stop(("x" * 1000,), tokenizer)
     assert "at most 8" in check_stop(("a",) * 9, tokenizer)
+
+
+@pytest.mark.parametrize(("model_id", "installed", "settings", "expected"), [
+    ("smollm2", True, {}, "llamacpp"),
+    ("smollm2", False, {}, "transformers"),
+    ("smollm2", True, {"device": "cuda"}, "transformers"),
+    ("tiny-llama", True, {}, "transformers"),  # not a GGUF
+    ("smollm2", True, {"backend": "transformers"}, "transformers"),
+    ("tiny-llama", False, {"backend": "llamacpp"}, "llamacpp"),  # named: loading it says what is wrong
+])
+def test_llamacpp_is_the_default_on_cpu_when_installed_and_the_model_is_a_gguf(monkeypatch, model_id, installed,
+                                                                               settings, expected) -> None:
+    monkeypatch.setattr(llamacpp, "available", lambda: installed)
+    monkeypatch.setattr("app.engine.load.gguf_path", lambda spec: Path("x.gguf") if spec == "smollm2" else None)
+    assert backend_name(SimpleNamespace(model_id=model_id), ServerSettings(**settings)) == expected

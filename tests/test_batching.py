@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from app.batching import Batcher
+from app.engine.batching import Batcher
 from app.engine.request import Completion, EngineRequest, GenerationParams
+from app.engine.transformers import decode
 from app.errors import DeadlineExceeded, Overloaded
 from tests.conftest import tiny_runner
 
@@ -27,8 +28,8 @@ def request(embeds: torch.Tensor, **params) -> EngineRequest:
 def test_a_left_padded_batch_answers_as_each_prompt_alone() -> None:
     runner = tiny_runner()
     requests = [request(e, max_new_tokens=4 + i) for i, e in enumerate(prompts(5))]
-    alone = [runner.decode([r])[0] for r in requests]
-    assert runner.decode(requests) == alone
+    alone = [decode(runner, [r])[0] for r in requests]
+    assert decode(runner, requests) == alone
     assert [c.new_tokens for c in alone] == [4, 5, 6, 7, 8]
 
 
@@ -38,9 +39,9 @@ def test_concurrent_requests_share_batches_and_seeded_sampling_runs_alone() -> N
 
     def counting(batch: list[EngineRequest]) -> list[Completion]:
         calls.append(len(batch))
-        return runner.decode(batch)
+        return decode(runner, batch)
 
-    expected = [runner.decode([request(e, max_new_tokens=6)])[0] for e in prompts(8)]
+    expected = [decode(runner, [request(e, max_new_tokens=6)])[0] for e in prompts(8)]
     batcher = Batcher(counting, max_batch=8, window=0.2, max_queue=64)
     answers: dict[int, Completion] = {}
 

@@ -180,7 +180,7 @@ def test_stop_strings_cut_the_answer(runner) -> None:
 
 
 def test_readiness_metrics_and_an_access_log_without_bodies(http, caplog) -> None:
-    assert http.get("/readyz").json() == {"status": "ready", "model": "tiny-llama"}
+    assert http.get("/readyz").json() == {"status": "ready", "model": "tiny-llama", "backend": "transformers"}
     payload = good_payload(http)
     with caplog.at_level("INFO", logger="veil.access"):
         answer = http.post("/v1/generate", params={"max_new_tokens": 3}, content=payload,
@@ -237,5 +237,5 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(settings, client_c
                 break
             assert time.monotonic() < deadline, f"still generating after its client left ({len(steps)} steps)"
         assert len(steps) < 400
-        assert runner._lock.acquire(timeout=2)  # the slot is free for the next request
-        runner._lock.release()
+        assert runner.lock.acquire(timeout=2)  # the slot is free for the next request
+        runner.lock.release()

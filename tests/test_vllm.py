@@ -14,6 +14,7 @@ import torch
 
 from app.engine.prefix_cache import compute_prefix
 from app.engine.request import EngineRequest, GenerationParams, SoftPromptPrefix
+from app.engine.transformers import decode
 from app.engine.vllm import VllmBackend
 from app.errors import DeadlineExceeded, Overloaded
 from tests.conftest import tiny_runner
@@ -112,7 +113,7 @@ def test_vllm_answers_as_the_transformers_backend_greedy_with_a_soft_prompt(tmp_
     generator = torch.Generator().manual_seed(0)
     requests = [EngineRequest(soft, torch.randn(3 + i, 64, generator=generator), GenerationParams(max_new_tokens=8))
                 for i in range(4)]
-    expected = runner.decode(requests, compute_prefix(runner.model, soft.embeddings))
+    expected = decode(runner, requests, compute_prefix(runner.model, soft.embeddings))
     answers = [backend.submit(r).result(timeout=120) for r in requests]
     assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
     backend.close()

@@ -4,11 +4,14 @@ what it gives back."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol
 
 import torch
+
+from app.engine.text import TextStream
 
 
 @dataclass
@@ -82,3 +85,29 @@ class Backend(Protocol):
     def submit(self, request: EngineRequest) -> Future[Completion]: ...
 
     def close(self) -> None: ...
+
+
+def finish_reason(request: EngineRequest, stream: TextStream, token: int, eos: set[int]) -> FinishReason | None:
+    """Why this request ends with this new token, if it does (the token is kept unless the request is gone)."""
+    if request.cancelled.is_set():
+        return "cancelled"
+    if request.deadline is not None and time.monotonic() > request.deadline:
+        return "deadline"
+    if token in eos:
+        stream.ids.append(token)  # counted, never shown
+        return "stop"
+    if stream.push(token):
+        return "stop"
+    return "length" if len(stream.ids) >= request.params.max_new_tokens else None
+
+
+def send_text(request: EngineRequest, stream: TextStream, finished: bool) -> None:
+    """Hand the request's listener the text that is safe to send; a listener that fails cancels its request."""
+    if request.on_text is None or request.cancelled.is_set():
+        return
+    piece = stream.take(finished)
+    if piece:
+        try:
+            request.on_text(piece)
+        except Exception:  # the consumer is gone: one request must never fail the batch
+            request.cancelled.set()

@@ -33,7 +33,7 @@ def public_router(access: ClientAccess) -> APIRouter:
         jobs = getattr(request.app.state, "jobs", None)
         if service_ is None or jobs is None or not jobs.alive():
             return error(503, "not_ready", "the model or the training worker is not up")
-        return JSONResponse({"status": "ready", "model": service_.runner.model_id})
+        return JSONResponse({"status": "ready", "model": service_.runner.model_id, "backend": service_.backend_name})
 
     @router.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
