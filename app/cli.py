@@ -57,32 +57,42 @@ def serve(
     uvicorn.run(create_app(settings), **uvicorn_options(settings))
 
 
+def wait_until_ready(process, url: str, what: str, timeout: float) -> None:
+    """Poll `url` until it answers 2xx; RuntimeError if `process` (a subprocess.Popen serving `what`) exits first or
+    `timeout` seconds pass."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {what} exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=30).is_success:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {what} did not start within {timeout:g} seconds")
+        time.sleep(0.2)
+
+
 @contextmanager
 def local_server(port: int, env: dict[str, str] | None = None) -> Iterator[str]:
     """`veil serve` on 127.0.0.1:`port` in a subprocess; yields its URL once /readyz answers, stops it after."""
     import os
     import subprocess
     import sys
-    import time
-
-    import httpx
 
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
                               env={**os.environ, **(env or {})})
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise typer.Exit(f"the server exited with code {server.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise typer.Exit("the server did not start within 300 seconds")
-            time.sleep(0.5)
+        try:
+            wait_until_ready(server, f"{url}/readyz", "server", 300)
+        except RuntimeError as err:
+            raise typer.Exit(str(err)) from None
         yield url
     finally:
         server.terminate()

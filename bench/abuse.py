@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 
 from app.artifacts import SERVER_ONLY
+from app.cli import wait_until_ready
 from app.keys import KeyStore
 from app.metrics import MU_BUCKETS
 from bench.abuse_device import against_device
@@ -71,18 +72,10 @@ class Served:
         self.url, self.log = f"http://127.0.0.1:{port}", log
         self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
                                         env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).is_success:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start within 300 s")
-            time.sleep(0.5)
+        try:
+            wait_until_ready(self.process, f"{self.url}/readyz", "server", 300)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}: {log.read_text()[-2000:]}") from None
 
     def status(self, field: str) -> int:
         """A /proc/<pid>/status figure in KiB (VmHWM: the peak resident memory so far)."""

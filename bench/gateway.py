@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from httpx_sse import EventSource
 
-from app.cli import local_server
+from app.cli import local_server, wait_until_ready
 from bench.bootstrap import resample_indices
 from client_sdk import AsyncPrivateLLMClient
 
@@ -55,18 +55,7 @@ def local_gateway(server: str, ledger: Path) -> Iterator[str]:
                                 "--ledger", str(ledger)], env=os.environ.copy(), stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"the gateway exited with code {process.returncode}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=30).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the gateway did not start within 60 seconds")
-            time.sleep(0.2)
+        wait_until_ready(process, f"{url}/v1/models", "gateway", 60)
         yield url
     finally:
         process.terminate()
