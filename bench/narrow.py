@@ -1,0 +1,119 @@
+"""Narrower projections (issue 25, item 1): does a projection of small k, trained noise-aware at the target mu, let
+the wholly private path carry the prompt where k = 72 does not?
+
+    python -m bench.narrow --projection DIR [DIR ...] [--mu 5 10] [--segments 16] [--corpus austen-emma]
+
+For each projection artifact (a folder as `veil train projection` writes it; the shipped k = 72 one is
+projections/smollm2-k72-noise-aware) and each mu at n = 4, WITHOUT a soft prompt: the continuation's NLL after the
+DEL prefix and after another segment's DEL prefix (the mismatched control), as bench.privacy_utility scores the `del`
+row, and context retained against the mismatched control and against sending nothing, with bootstrap SEs over
+segments. At a fixed mu the noise per coordinate grows with k, so a narrow projection trades width for signal.
+Attacks: the per-token ones (nearest neighbour, maximum likelihood, maximum likelihood with the unigram prior), not
+the beam. Writes <out>/narrow-projections.json with the command, package versions and each projection's training
+config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.artifacts import read_manifest
+from app.files import write_json_atomic
+from app.model_runner import ModelRunner
+from app.provenance import package_versions
+from app.reconstruction import load_projection
+from app.settings import ServerSettings
+from app.training.data import read_corpus
+from bench.pipeline import load_sample
+from bench.privacy_utility import PRIOR_CORPORA, Bench, Plan, level_key
+from bench.privacy_utility_report import perplexity, retained, strongest
+
+RESULTS = Path(__file__).parent / "results"
+BITS = 4
+
+
+def measure(runner: ModelRunner, projections: list[Path], mus: list[float], corpus: str, segments: int,
+            settings: ServerSettings) -> dict:
+    """The floors once, then every projection's `del` row and per-token attacks at every mu."""
+    sample = load_sample(runner.tokenizer, corpus, settings.data_dir, segments)
+    prior_text = "\n".join(read_corpus(name, settings.data_dir) for name in PRIOR_CORPORA)
+    prior_ids = np.array(runner.tokenizer(prior_text, add_special_tokens=False)["input_ids"])
+    plan = Plan(corpora=(corpus,), segments=segments, attack_segments=0, levels=tuple((BITS, mu) for mu in mus),
+                beam=0, chat_prompts=0, chat_tokens=0, audit_samples=0, search_steps=0)
+    floors: dict[str, dict] = {}
+    rows = []
+    for directory in projections:
+        published = load_projection(directory)
+        manifest = read_manifest(directory)
+        bench = Bench(runner, [sample], published, [], encoder=None, clip=published.projection.clip, plan=plan,
+                      prior_ids=prior_ids, chat_prompts=[])
+        if not floors:
+            floors = {name: bench.floor(corpus, name) for name in ("clean", "nothing")}
+        for mu in mus:
+            cell = bench.row(corpus, "del", BITS, mu)
+            found = bench.del_attacks(corpus, BITS, mu)
+            best = strongest(found, "all")
+            rows.append({"projection": directory.name, "projection_id": published.id, "dim": published.projection.dim,
+                         "config": manifest["config"], "held_out_loss": manifest.get("held_out_loss"),
+                         "bits": BITS, "mu": mu, **cell,
+                         "perplexity": perplexity(cell["nll"]),
+                         "retained_vs_mismatched": retained(cell["nll"], cell["nll_mismatched"],
+                                                            floors["clean"]["nll"]),
+                         "retained_vs_nothing": retained(cell["nll"], floors["nothing"]["nll"],
+                                                         floors["clean"]["nll"]),
+                         "attacks": found["attacks"], "strongest_attack": best})
+            print(f"{directory.name} {level_key(BITS, mu)}: retained vs mismatched "
+                  f"{rows[-1]['retained_vs_mismatched'][0]:+.3f} ± {rows[-1]['retained_vs_mismatched'][1]:.3f}",
+                  file=sys.stderr)
+    return {"corpus": corpus, "segments": segments, "sha256": sample.sha256, "model": runner.model_id,
+            "floors": {name: {**f, "perplexity": perplexity(f["nll"])} for name, f in floors.items()}, "rows": rows}
+
+
+def render(results: dict) -> str:
+    """The markdown table: one row per projection and mu."""
+    floors = results["floors"]
+    lines = [f"Held-out {results['corpus']}, {results['segments']} segments, n = {BITS}, no soft prompt. Clean "
+             f"perplexity {floors['clean']['perplexity'][0]:.1f}, nothing sent {floors['nothing']['perplexity'][0]:.1f}.",
+             "", "| projection | k | trained at mu | steps | mu | perplexity | retained vs mismatched | "
+             "retained vs nothing | strongest per-token attack (all tokens) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        config = row["config"]
+        trained = (f"{config['mu_min']:g}" if config["mu_min"] == config["mu_max"]
+                   else f"{config['mu_min']:g}-{config['mu_max']:g}") if config["noise_aware"] else "noise-free"
+        (ppl, ppl_se), (mis, mis_se), (nth, nth_se) = (row["perplexity"], row["retained_vs_mismatched"],
+                                                      row["retained_vs_nothing"])
+        rate, se, attack = row["strongest_attack"]
+        lines.append(f"| {row['projection']} | {row['dim']} | {trained} | {config['steps']} | {row['mu']:g} | "
+                     f"{ppl:.1f} ± {ppl_se:.1f} | {mis:+.3f} ± {mis_se:.3f} | {nth:+.3f} ± {nth_se:.3f} | "
+                     f"{rate:.3f} ± {se:.3f} ({attack}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--projection", nargs="+", type=Path, required=True, help="projection artifact folders")
+    parser.add_argument("--mu", nargs="+", type=float, default=[5.0, 10.0])
+    parser.add_argument("--segments", type=int, default=16)
+    parser.add_argument("--corpus", default="austen-emma", help="the held-out text (default: Emma)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = ServerSettings()
+    runner = ModelRunner.load(settings.model, settings.cache_dir)
+    results = measure(runner, args.projection, args.mu, args.corpus, args.segments, settings)
+    command = "python -m bench.narrow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_json_atomic(args.out / "narrow-projections.json",
+                      {"command": command, "versions": package_versions(), **results})
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
