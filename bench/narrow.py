@@ -9,13 +9,14 @@ DEL prefix and after another segment's DEL prefix (the mismatched control), as b
 row, and context retained against the mismatched control and against sending nothing, with bootstrap SEs over
 segments. At a fixed mu the noise per coordinate grows with k, so a narrow projection trades width for signal.
 Attacks: the per-token ones (nearest neighbour, maximum likelihood, maximum likelihood with the unigram prior), not
-the beam. Writes <out>/narrow-projections.json with the command, package versions and each projection's training
-config.
+the beam. Resumable: writes <out>/narrow-projections.json cell by cell with the commands, package versions and each
+projection's training config; a later run with other projections adds to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -24,12 +25,12 @@ import numpy as np
 import torch
 
 from app.artifacts import read_manifest
-from app.files import write_json_atomic
 from app.model_runner import ModelRunner
 from app.provenance import package_versions
 from app.reconstruction import load_projection
 from app.settings import ServerSettings
 from app.training.data import read_corpus
+from bench.cells import Cell, run_cells
 from bench.pipeline import load_sample
 from bench.privacy_utility import PRIOR_CORPORA, Bench, Plan, level_key
 from bench.privacy_utility_report import perplexity, retained, strongest
@@ -39,59 +40,57 @@ BITS = 4
 
 
 def measure(runner: ModelRunner, projections: list[Path], mus: list[float], corpus: str, segments: int,
-            settings: ServerSettings) -> dict:
-    """The floors once, then every projection's `del` row and per-token attacks at every mu."""
+            settings: ServerSettings, path: Path, command: str) -> dict:
+    """The floors, then each projection's `del` row and per-token attacks at each mu: cells saved one by one in
+    `path`, so later runs add projections (a projection is keyed by its name and id)."""
     sample = load_sample(runner.tokenizer, corpus, settings.data_dir, segments)
     prior_text = "\n".join(read_corpus(name, settings.data_dir) for name in PRIOR_CORPORA)
     prior_ids = np.array(runner.tokenizer(prior_text, add_special_tokens=False)["input_ids"])
     plan = Plan(corpora=(corpus,), segments=segments, attack_segments=0, levels=tuple((BITS, mu) for mu in mus),
                 beam=0, chat_prompts=0, chat_tokens=0, audit_samples=0, search_steps=0)
-    floors: dict[str, dict] = {}
-    rows = []
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    about = {"corpus": corpus, "sha256": sample.sha256, "model": runner.model_id, "versions": package_versions(),
+             "commands": sorted(set(saved.get("commands", [])) | {command}), "projections": saved.get("projections", {})}
+    cells: list[Cell] = []
     for directory in projections:
-        published = load_projection(directory)
-        manifest = read_manifest(directory)
+        published, manifest = load_projection(directory), read_manifest(directory)
         bench = Bench(runner, [sample], published, [], encoder=None, clip=published.projection.clip, plan=plan,
                       prior_ids=prior_ids, chat_prompts=[])
-        if not floors:
-            floors = {name: bench.floor(corpus, name) for name in ("clean", "nothing")}
+        name = f"{directory.name}@{published.id}"
+        about["projections"][name] = {"dim": published.projection.dim, "config": manifest["config"],
+                                      "held_out_loss": manifest.get("held_out_loss"),
+                                      "held_out_loss_pca": manifest.get("held_out_loss_pca")}
+        if not cells:
+            cells += [(f"floor/{f}", lambda b=bench, f=f: b.floor(corpus, f)) for f in ("clean", "nothing")]
         for mu in mus:
-            cell = bench.row(corpus, "del", BITS, mu)
-            found = bench.del_attacks(corpus, BITS, mu)
-            best = strongest(found, "all")
-            rows.append({"projection": directory.name, "projection_id": published.id, "dim": published.projection.dim,
-                         "config": manifest["config"], "held_out_loss": manifest.get("held_out_loss"),
-                         "bits": BITS, "mu": mu, **cell,
-                         "perplexity": perplexity(cell["nll"]),
-                         "retained_vs_mismatched": retained(cell["nll"], cell["nll_mismatched"],
-                                                            floors["clean"]["nll"]),
-                         "retained_vs_nothing": retained(cell["nll"], floors["nothing"]["nll"],
-                                                         floors["clean"]["nll"]),
-                         "attacks": found["attacks"], "strongest_attack": best})
-            print(f"{directory.name} {level_key(BITS, mu)}: retained vs mismatched "
-                  f"{rows[-1]['retained_vs_mismatched'][0]:+.3f} ± {rows[-1]['retained_vs_mismatched'][1]:.3f}",
-                  file=sys.stderr)
-    return {"corpus": corpus, "segments": segments, "sha256": sample.sha256, "model": runner.model_id,
-            "floors": {name: {**f, "perplexity": perplexity(f["nll"])} for name, f in floors.items()}, "rows": rows}
+            cells.append((f"{name}/{level_key(BITS, mu)}",
+                          lambda b=bench, m=mu: {**b.row(corpus, "del", BITS, m), **b.del_attacks(corpus, BITS, m)}))
+    return run_cells(path, {"corpus": corpus, "segments": segments, "bits": BITS}, cells, desc="narrow",
+                     metadata=about)
 
 
 def render(results: dict) -> str:
-    """The markdown table: one row per projection and mu."""
-    floors = results["floors"]
-    lines = [f"Held-out {results['corpus']}, {results['segments']} segments, n = {BITS}, no soft prompt. Clean "
-             f"perplexity {floors['clean']['perplexity'][0]:.1f}, nothing sent {floors['nothing']['perplexity'][0]:.1f}.",
+    """The markdown table: one row per projection and mu, from the saved cells."""
+    cells, clean, nothing = results["cells"], results["cells"]["floor/clean"], results["cells"]["floor/nothing"]
+    lines = [f"Held-out {results['corpus']}, {results['plan']['segments']} segments, n = {BITS}, no soft prompt. "
+             f"Clean perplexity {perplexity(clean['nll'])[0]:.1f}, nothing sent {perplexity(nothing['nll'])[0]:.1f}.",
              "", "| projection | k | trained at mu | steps | mu | perplexity | retained vs mismatched | "
              "retained vs nothing | strongest per-token attack (all tokens) |", "|---|---|---|---|---|---|---|---|---|"]
-    for row in results["rows"]:
-        config = row["config"]
+    for key, cell in cells.items():
+        if key.startswith("floor/"):
+            continue
+        name, level = key.split("/", 1)
+        about = results["projections"][name]
+        config = about["config"]
         trained = (f"{config['mu_min']:g}" if config["mu_min"] == config["mu_max"]
                    else f"{config['mu_min']:g}-{config['mu_max']:g}") if config["noise_aware"] else "noise-free"
-        (ppl, ppl_se), (mis, mis_se), (nth, nth_se) = (row["perplexity"], row["retained_vs_mismatched"],
-                                                      row["retained_vs_nothing"])
-        rate, se, attack = row["strongest_attack"]
-        lines.append(f"| {row['projection']} | {row['dim']} | {trained} | {config['steps']} | {row['mu']:g} | "
-                     f"{ppl:.1f} ± {ppl_se:.1f} | {mis:+.3f} ± {mis_se:.3f} | {nth:+.3f} ± {nth_se:.3f} | "
-                     f"{rate:.3f} ± {se:.3f} ({attack}) |")
+        ppl, ppl_se = perplexity(cell["nll"])
+        mis, mis_se = retained(cell["nll"], cell["nll_mismatched"], clean["nll"])
+        nth, nth_se = retained(cell["nll"], nothing["nll"], clean["nll"])
+        rate, se, attack = strongest(cell, "all")
+        lines.append(f"| {name.split('@')[0]} | {about['dim']} | {trained} | {config['steps']} | "
+                     f"{level.split('mu')[1]} | {ppl:.1f} ± {ppl_se:.1f} | {mis:+.3f} ± {mis_se:.3f} | "
+                     f"{nth:+.3f} ± {nth_se:.3f} | {rate:.3f} ± {se:.3f} ({attack}) |")
     return "\n".join(lines)
 
 
@@ -108,10 +107,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     settings = ServerSettings()
     runner = ModelRunner.load(settings.model, settings.cache_dir)
-    results = measure(runner, args.projection, args.mu, args.corpus, args.segments, settings)
     command = "python -m bench.narrow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_json_atomic(args.out / "narrow-projections.json",
-                      {"command": command, "versions": package_versions(), **results})
+    results = measure(runner, args.projection, args.mu, args.corpus, args.segments, settings,
+                      args.out / "narrow-projections.json", command)
     print(render(results))
 
 

@@ -25,14 +25,16 @@ def test_a_plan_without_a_beam_runs_only_the_per_token_attacks() -> None:
     assert set(found) == {"nearest-neighbour", "maximum-likelihood", "prior-ml"}
 
 
-def test_the_table_has_a_row_per_projection_and_mu() -> None:
-    config = {"mu_min": 5.0, "mu_max": 5.0, "noise_aware": True, "steps": 30}
-    row = {"projection": "k8-mu5", "dim": 8, "mu": 5.0, "config": config, "perplexity": (50.0, 2.0),
-           "retained_vs_mismatched": (0.01, 0.02), "retained_vs_nothing": (-0.2, 0.05),
-           "strongest_attack": (0.03, 0.01, "prior-ml")}
-    results = {"corpus": "austen-emma", "segments": 16, "floors": {"clean": {"perplexity": (40.0, 1.0)},
-                                                                   "nothing": {"perplexity": (68.0, 2.0)}},
-               "rows": [row, {**row, "mu": 10.0}]}
+def test_the_table_has_a_row_per_projection_and_level_from_the_saved_cells() -> None:
+    nll = [3.0, 3.2]
+    cell = {"nll": [4.0, 4.2], "nll_mismatched": [4.1, 4.3],
+            "attacks": {"prior-ml": {"all": {"rate": 0.03, "se": 0.01}}, "nearest-neighbour": {"all": {"rate": 0.01, "se": 0.0}}}}
+    results = {"corpus": "austen-emma", "plan": {"segments": 2},
+               "projections": {"k8-mu5@abc": {"dim": 8, "config": {"mu_min": 5.0, "mu_max": 5.0, "noise_aware": True,
+                                                                    "steps": 30}}},
+               "cells": {"floor/clean": {"nll": nll}, "floor/nothing": {"nll": [5.0, 5.2]},
+                         "k8-mu5@abc/n4/mu5": cell, "k8-mu5@abc/n4/mu10": cell}}
     lines = narrow.render(results).splitlines()
     assert [line.split("|")[5].strip() for line in lines[4:]] == ["5", "10"]
-    assert "| k8-mu5 | 8 | 5 | 30 | 5 | 50.0 ± 2.0 | +0.010 ± 0.020 | -0.200 ± 0.050 | 0.030 ± 0.010 (prior-ml) |" in lines
+    assert lines[4].startswith("| k8-mu5 | 8 | 5 | 30 | 5 | ")
+    assert "| +0.100 ± " in lines[4] and "| +0.500 ± " in lines[4] and "0.030 ± 0.010 (prior-ml) |" in lines[4]
