@@ -37,4 +37,4 @@ def test_the_table_has_a_row_per_projection_and_level_from_the_saved_cells() -> 
     lines = narrow.render(results).splitlines()
     assert [line.split("|")[5].strip() for line in lines[4:]] == ["5", "10"]
     assert lines[4].startswith("| k8-mu5 | 8 | 5 | 30 | 5 | ")
-    assert "| +0.100 ± " in lines[4] and "| +0.500 ± " in lines[4] and "0.030 ± 0.010 (prior-ml) |" in lines[4]
+    assert "| +0.091 ± " in lines[4] and "| +0.500 ± " in lines[4] and "0.030 ± 0.010 (prior-ml) |" in lines[4]
