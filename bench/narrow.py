@@ -76,10 +76,9 @@ def render(results: dict) -> str:
              f"Clean perplexity {perplexity(clean['nll'])[0]:.1f}, nothing sent {perplexity(nothing['nll'])[0]:.1f}.",
              "", "| projection | k | trained at mu | steps | mu | perplexity | retained vs mismatched | "
              "retained vs nothing | strongest per-token attack (all tokens) |", "|---|---|---|---|---|---|---|---|---|"]
-    for key, cell in cells.items():
-        if key.startswith("floor/"):
-            continue
-        name, level = key.split("/", 1)
+    rows = [(*key.split("/", 1), cell) for key, cell in cells.items() if not key.startswith("floor/")]
+    by_level = lambda row: (float(row[1].split("mu")[1]), results["projections"][row[0]]["dim"], row[0])  # noqa: E731
+    for name, level, cell in sorted(rows, key=by_level):
         about = results["projections"][name]
         config = about["config"]
         trained = (f"{config['mu_min']:g}" if config["mu_min"] == config["mu_max"]
