@@ -294,6 +294,9 @@ class Bench:
             "maximum-likelihood": attacks.maximum_likelihood(flat_levels, self.client_table, params),
             "prior-ml": attacks.maximum_likelihood(flat_levels, self.client_table, params, self.log_prior)}
         found = {name: attacks.recovery(g.reshape(truth.shape), truth, subsets) for name, g in guesses.items()}
+        if not self.plan.beam:  # a plan with no beam: the per-token attacks only
+            self._strongest[key] = {"attacks": found}
+            return self._strongest[key]
         rows = self.beam_rows(corpus)
         terms = attacks.likelihood_terms(self.client_table, params)
         step = lambda t: attacks.log_likelihoods(levels[rows, t], terms)  # noqa: E731
