@@ -682,3 +682,14 @@ def test_closing_a_client_closes_its_connections(server, tmp_path, kind) -> None
         client.bundle
     http = client._http if kind == "sync" else client.client._http
     assert http.is_closed
+
+
+def test_charges_compose_as_one_prompt_of_all_their_private_tokens(server, tmp_path) -> None:
+    """Each charge carries its mechanism (private tokens, trials per token, worst-case p), so the ledger composes
+    two prompts exactly as one prompt of both prompts' private tokens."""
+    with make_client(server, tmp_path) as client:
+        client.generate("the capital of france is")
+        client.generate("the capital of france")
+        spent = client.ledger.spent("default")
+    params = MechanismParams.from_mu(5.0, bits=4, dim=DIM, clip=CLIP)
+    assert spent.epsilon == pytest.approx(privacy_report(params, 9, POLICY.delta).epsilon, rel=1e-6)
