@@ -227,3 +227,9 @@ def test_the_mechanism_follows_the_apps_settings_and_refuses_a_looser_suggestion
         bundle.mechanism(POLICY)
     assert bundle.mechanism(POLICY, allow_looser_bundle=True).mu_clt <= 5.0 + 1e-6
     assert bundle.mechanism(PrivacyPolicy(epsilon_per_token=1e9)).mu_clt == pytest.approx(50.0)
+
+
+def test_a_bundle_without_a_chat_template_tokenizes_chat_prompts_without_one(server, tmp_path) -> None:
+    server.info.chat_template = None
+    bundle = load_bundle(server, tmp_path)
+    assert bundle.tokenize("the capital").tolist() == [ID["the"], ID["capital"]]
