@@ -18,7 +18,7 @@ from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger
 from client_sdk import client as client_module
 from client_sdk.budget import Limits
 from client_sdk.bundle import ClientBundle, sha256_hex
-from client_sdk.client import AsyncGenerationStream, GenerationResult, PreparedPrompt
+from client_sdk.client import MAX_ANSWER_BYTES, AsyncGenerationStream, GenerationResult, PreparedPrompt
 from client_sdk.mechanism import MechanismParams
 from client_sdk.policy import epsilon_per_token
 from client_sdk.schemas import BundleInfo, GenerateResponse, MechanismDefaults, ProjectionInfo
@@ -253,11 +253,12 @@ def test_detection_is_one_argument_away_and_the_whole_message_stays_the_default(
     with make_client(server, tmp_path, kind) as client:
         whole = client.prepare(prompt)
         detected = client.prepare(prompt, private="detect")
+        sent = client.generate(prompt, private="detect")
         with pytest.raises(ValueError):
             client.prepare(prompt, private="names")
     assert whole.report.private_tokens > 0 and whole.conversation.originals == {}
     assert detected.conversation.originals == {"[EMAIL_1]": "ann@example.com", "[CARD_1]": "4111 1111 1111 1111"}
-    assert detected.report.private_tokens == 0
+    assert detected.report.private_tokens == sent.privacy.private_tokens == server.received[0].private_tokens == 0
     policy = dataclasses.replace(POLICY, private="detect", treatments={"EMAIL": "noise", "CARD": "placeholder"})
     with make_client(server, tmp_path, kind, policy=policy) as client:
         by_policy = client.prepare(prompt)
@@ -491,7 +492,8 @@ def test_an_error_event_mid_stream_raises_a_server_error(server, tmp_path, kind)
         assert stream.result is None
         with pytest.raises(ServerError) as caught:
             list(stream)
-    assert (caught.value.status_code, caught.value.detail) == (200, "the engine stopped")
+    assert (caught.value.status_code, caught.value.detail, caught.value.kind) == (200, "the engine stopped",
+                                                                                "generation_failed")
     assert stream.result is None
 
 
@@ -571,7 +573,7 @@ def test_an_error_event_without_detail_reports_its_data(server, tmp_path, kind) 
 
 def test_an_answer_that_is_not_an_event_stream_or_a_generation_raises_a_protocol_error(server, tmp_path,
                                                                                         kind) -> None:
-    transport = answering(server, 200, b'{"text": "par"}', {"Content-Type": "application/json"})
+    transport = answering(server, 200, b'{"text": "par", "prompt_tokens": 6}', {"Content-Type": "application/json"})
     with make_client(server, tmp_path, kind, transport=transport) as client:
         with pytest.raises(ProtocolError, match="not an event stream"):
             list(client.generate("paris", stream=True))
@@ -693,3 +695,18 @@ def test_charges_compose_as_one_prompt_of_all_their_private_tokens(server, tmp_p
         spent = client.ledger.spent("default")
     params = MechanismParams.from_mu(5.0, bits=4, dim=DIM, clip=CLIP)
     assert spent.epsilon == pytest.approx(privacy_report(params, 9, POLICY.delta).epsilon, rel=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_declaring_more_than_the_cap_is_refused_unread_and_closed(server, tmp_path, kind, stream) -> None:
+    body = RecordingStream(b"{}")
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/generate":
+            return httpx.Response(200, headers={"Content-Length": str(MAX_ANSWER_BYTES + 1)}, stream=body)
+        return server.handle(request)
+
+    with make_client(server, tmp_path, kind, transport=httpx.MockTransport(handle)) as client:
+        with pytest.raises(ProtocolError, match="over the limit"):
+            client.generate("paris", stream=stream)
+    assert body.closed
