@@ -432,6 +432,8 @@ def test_a_prompt_without_a_template_is_private_throughout(server, tmp_path, kin
 def test_streaming_yields_chunks_then_the_result(server, tmp_path, kind) -> None:
     with make_client(server, tmp_path, kind) as client:
         stream = client.generate("paris", stream=True)
+        # what it cost is known before the first chunk
+        assert (stream.privacy.private_tokens, stream.bytes_sent) == (1, len(server.generate_requests()[0].content))
         assert "".join(stream) == "paris"
     assert stream.result is not None and stream.result.prompt_tokens == 6
 
