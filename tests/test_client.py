@@ -423,7 +423,9 @@ def test_a_prompt_without_a_template_is_private_throughout(server, tmp_path, kin
     with make_client(server, tmp_path, kind) as client:
         prepared = client.prepare("the capital of france is", chat=False)
         result = client.generate("the capital of france is", chat=False)
+        templated = client.prepare("the capital of france is")  # chat is the default
     assert (prepared.report.private_tokens, prepared.report.public_tokens) == (5, 0)
+    assert (templated.report.private_tokens, templated.report.public_tokens) == (5, 5)
     received = server.received[-1]
     assert (received.private_tokens, received.public_tokens, result.prompt_tokens) == (5, 0, 5)
     assert len(received.spans) == 1
