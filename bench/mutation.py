@@ -48,7 +48,7 @@ MODULES: dict[str, list[str]] = {
     "client_sdk/wire.py": ["tests/test_wire.py", *CLIENT_TESTS],
     "client_sdk/spans.py": ["tests/test_spans.py", *CLIENT_TESTS],
     "client_sdk/privatize.py": ["tests/test_wire.py", "tests/test_spans.py", *CLIENT_TESTS],
-    "client_sdk/bundle.py": CLIENT_TESTS,
+    "client_sdk/bundle.py": ["tests/test_bundle.py", *CLIENT_TESTS],
     "client_sdk/accounting/*.py": ["tests/test_accounting.py", "tests/test_budget.py", "tests/test_policy.py"],
     "app/access.py": ["tests/test_keys.py", *(f"tests/test_hardening.py::{name}" for name in (
         "test_forwarded_headers_are_believed_only_from_trusted_proxies",
