@@ -59,8 +59,8 @@ CREATE TABLE IF NOT EXISTS charges (
     trials INTEGER,
     p REAL
 );
-CREATE INDEX IF NOT EXISTS charges_by_key_p ON charges (key, p);
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS charges_by_key_p ON charges (key, p)"  # after the columns' migration
 _MECHANISM_COLUMNS = (("tokens", "INTEGER"), ("trials", "INTEGER"), ("p", "REAL"))
 
 
@@ -153,8 +153,8 @@ class BudgetLedger:
     def _read_config(self) -> dict | None:
         try:
             config = json.loads(self.limits_path.read_text())
-            if (not isinstance(config.get("ledger_id"), str) or not isinstance(config.get("keys"), dict)
-                    or not isinstance(config.get("generation", 0), int)):
+            if (not isinstance(config, dict) or not isinstance(config.get("ledger_id"), str)
+                    or not isinstance(config.get("keys"), dict) or not isinstance(config.get("generation", 0), int)):
                 raise ValueError("missing fields")
             return config
         except FileNotFoundError:
@@ -193,6 +193,7 @@ class BudgetLedger:
             for name, kind in _MECHANISM_COLUMNS:  # ledgers written before composition: basic composition
                 if name not in columns:
                     db.execute(f"ALTER TABLE charges ADD COLUMN {name} {kind}")
+            db.execute(_INDEX)
             if "generation" not in {row[1] for row in db.execute("PRAGMA table_info(meta)")}:
                 db.execute("ALTER TABLE meta ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
             row = db.execute("SELECT ledger_id, generation FROM meta").fetchone()
@@ -201,24 +202,24 @@ class BudgetLedger:
                 if exists and config is None and legacy is None and db.execute("SELECT 1 FROM charges").fetchone():
                     db.execute("ROLLBACK")
                     raise LedgerError(f"the ledger {self.path} has no id and no limits file; refusing to guess")
-                ledger_id = config["ledger_id"] if config and not exists else uuid.uuid4().hex
+                ledger_id = uuid.uuid4().hex
                 db.execute("INSERT INTO meta (ledger_id) VALUES (?)", (ledger_id,))
             else:
                 ledger_id = row[0]
             if config is None:
-                if exists and row is not None:
+                if row is not None:
                     db.execute("ROLLBACK")
                     raise LedgerError(f"the limits file {self.limits_path} of ledger {self.path} is missing; "
                                       f"refusing to send without its limits. Restore it, or "
                                       f"BudgetLedger.discard() the ledger on purpose")
-                self._write_config({"ledger_id": ledger_id, "keys": legacy or {}, "generation": row[1] if row else 0})
+                self._write_config({"ledger_id": ledger_id, "keys": legacy or {}, "generation": 0})
             elif config["ledger_id"] != ledger_id:
                 db.execute("ROLLBACK")
                 raise LedgerError(f"the ledger {self.path} (id {ledger_id}) is not the one its limits file "
                                   f"describes (id {config['ledger_id']}): it was replaced; refusing to send")
             else:
                 try:
-                    self._check_generation(config, row[1] if row else 0)
+                    self._check_generation(config, row[1])  # ids equal: the ledger had its row
                 except LedgerError:
                     db.execute("ROLLBACK")
                     raise

@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from client_sdk.budget import BudgetLedger
+from client_sdk.budget import BudgetLedger, Limits, Mechanism
 from client_sdk.errors import BudgetExceededError, LedgerError
 
 
@@ -114,7 +115,7 @@ def test_a_crash_mid_send_keeps_the_charge_counted_once(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     sender = textwrap.dedent(f"""
         import time, pathlib
-        from client_sdk.budget import BudgetLedger
+        from client_sdk.budget import BudgetLedger, Limits, Mechanism
         BudgetLedger({str(path)!r}).reserve("k", "in-flight", 4.0, 1e-5)
         pathlib.Path({str(ready)!r}).touch()
         time.sleep(60)  # 'sending'
@@ -152,3 +153,51 @@ def test_discard_removes_the_ledger_with_its_journal_and_limits(tmp_path: Path) 
         file.touch()  # SQLite leaves -wal and -shm behind a crash
     BudgetLedger.discard(path)
     assert [file for file in files if file.exists()] == []
+
+
+def _old_ledger(path: Path, *, limits: bool) -> None:
+    """A ledger as the first versions wrote it: no id, limits inside the SQLite file, charges without a mechanism."""
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE charges (charge_id TEXT PRIMARY KEY, key TEXT NOT NULL, epsilon REAL NOT NULL,
+                              delta REAL NOT NULL, state TEXT NOT NULL, created REAL NOT NULL);
+        CREATE INDEX charges_by_key ON charges (key);
+        INSERT INTO charges VALUES ('old', 'k', 2.0, 1e-6, 'sent', 0);
+    """)
+    if limits:
+        db.executescript("""
+            CREATE TABLE limits (key TEXT PRIMARY KEY, per_prompt_epsilon REAL, total_epsilon REAL);
+            INSERT INTO limits VALUES ('k', 1.5, 40.0);
+        """)
+    db.commit()
+    db.close()
+
+
+def test_an_old_ledger_keeps_its_charges_and_limits(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    _old_ledger(path, limits=True)
+    ledger = BudgetLedger(path)
+    assert ledger.limits("k") == Limits(per_prompt_epsilon=1.5, total_epsilon=40.0)
+    spent = ledger.spent("k")  # the old charge adds its epsilon and delta
+    assert (spent.epsilon, spent.delta, spent.charges) == (2.0, 1e-6, 1)
+    ledger.reserve("k", "new", 1.0, 1e-5, Mechanism(tokens=1, trials_per_token=10, p=0.6))
+    assert BudgetLedger(path).spent("k").charges == 2  # and it opens again, migrated
+    with pytest.raises(BudgetExceededError, match="per-prompt"):
+        ledger.reserve("k", "big", 2.0, 1e-5)
+
+
+def test_an_old_ledger_with_charges_but_neither_id_nor_limits_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    _old_ledger(path, limits=False)
+    with pytest.raises(LedgerError, match="no id"):
+        BudgetLedger(path)
+
+
+@pytest.mark.parametrize("content", ["[]", '"text"', '{"ledger_id": 1, "keys": {}}', '{"ledger_id": "a", "keys": []}',
+                                     '{"ledger_id": "a", "keys": {}, "generation": "1"}', "{"])
+def test_a_malformed_limits_file_fails_closed(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "ledger.db"
+    BudgetLedger(path)
+    path.with_name(path.name + ".limits.json").write_text(content)
+    with pytest.raises(LedgerError, match="unreadable"):
+        BudgetLedger(path)
