@@ -163,6 +163,13 @@ class BudgetLedger:
             raise LedgerError(f"the ledger's limits file {self.limits_path} is unreadable ({exc}); refusing to "
                               f"send. Restore it, or BudgetLedger.discard() the ledger on purpose") from exc
 
+    def _own_config(self) -> dict:
+        """The limits file, which must still be this ledger's."""
+        config = self._read_config()
+        if config is None or config["ledger_id"] != self.ledger_id:
+            raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+        return config
+
     def _write_config(self, config: dict) -> None:
         try:
             with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
@@ -182,9 +189,6 @@ class BudgetLedger:
             raise LedgerError(f"the ledger {self.path} vanished or is empty, but its limits file says it existed "
                               f"(id {config['ledger_id']}); refusing to start over with no spending recorded. "
                               f"Restore the file, or BudgetLedger.discard() it on purpose")
-        if config is None and self.path.exists() and self.path.stat().st_size == 0:
-            self.path.unlink()  # an empty file never held a charge
-            exists = False
         with self._connect(check_exists=False) as db:
             db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
@@ -279,9 +283,7 @@ class BudgetLedger:
                 row = db.execute("SELECT ledger_id, generation FROM meta").fetchone()
                 if row is None or row[0] != self.ledger_id:
                     raise LedgerError(f"the ledger {self.path} was replaced while in use; refusing to send")
-                config = self._read_config()
-                if config is None or config["ledger_id"] != self.ledger_id:
-                    raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+                config = self._own_config()
                 self._check_generation(config, row[1])
                 before = db.total_changes
                 yield db
@@ -305,18 +307,13 @@ class BudgetLedger:
                 raise ValueError(f"{name} must be non-negative, got {value}")
         wanted = {"per_prompt_epsilon": per_prompt_epsilon, "total_epsilon": total_epsilon, "delta": delta}
         with self._locked():
-            config = self._read_config()
-            if config is None or config["ledger_id"] != self.ledger_id:
-                raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+            config = self._own_config()
             if config["keys"].get(key) != wanted:
                 config["keys"][key] = wanted
                 self._write_config(config)
 
     def limits(self, key: str) -> Limits:
-        config = self._read_config()
-        if config is None or config["ledger_id"] != self.ledger_id:
-            raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
-        entry = config["keys"].get(key)
+        entry = self._own_config()["keys"].get(key)
         return Limits(**entry) if entry else Limits(None, None)
 
     # -- spending -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The device's budget ledger: limits, idempotent charges, two writers at once, a crash mid-send."""
 
+import json
 import multiprocessing
 import os
 import signal
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
+from client_sdk.accounting import DEFAULT_DELTA, composition
 from client_sdk.budget import BudgetLedger, Limits, Mechanism
 from client_sdk.errors import BudgetExceededError, LedgerError
 
@@ -152,7 +155,7 @@ def test_discard_removes_the_ledger_with_its_journal_and_limits(tmp_path: Path) 
     for file in files:
         file.touch()  # SQLite leaves -wal and -shm behind a crash
     BudgetLedger.discard(path)
-    assert [file for file in files if file.exists()] == []
+    assert [file.name for file in tmp_path.iterdir()] == ["ledger.db.lock"]  # the lock file holds no data
 
 
 def _old_ledger(path: Path, *, limits: bool) -> None:
@@ -201,3 +204,154 @@ def test_a_malformed_limits_file_fails_closed(tmp_path: Path, content: str) -> N
     path.with_name(path.name + ".limits.json").write_text(content)
     with pytest.raises(LedgerError, match="unreadable"):
         BudgetLedger(path)
+
+
+def _generations(path: Path) -> tuple[int, int]:
+    """The generation in the SQLite file and in the limits file."""
+    db = sqlite3.connect(path)
+    (generation,) = db.execute("SELECT generation FROM meta").fetchone()
+    db.close()
+    return generation, json.loads(path.with_name(path.name + ".limits.json").read_text())["generation"]
+
+
+def _without_journal(path: Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def test_each_change_advances_the_generation_in_both_files_and_nothing_else_does(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = BudgetLedger(path)
+    assert _generations(path) == (0, 0)
+    ledger.reserve("k", "a", 1.0, 1e-5)
+    assert _generations(path) == (1, 1)
+    ledger.reserve("k", "a", 1.0, 1e-5)  # a retry
+    ledger.set_limits("k", total_epsilon=5.0)
+    ledger.spent("k"), ledger.pending("k"), ledger.release("a-sent-elsewhere")
+    assert _generations(path) == (1, 1)
+    ledger.mark_sent("a")
+    assert _generations(path) == (2, 2)
+
+
+def test_an_older_copy_of_the_ledger_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = BudgetLedger(path)
+    ledger.reserve("k", "a", 4.0, 1e-5)
+    backup = path.read_bytes()
+    ledger.reserve("k", "b", 4.0, 1e-5)
+    _without_journal(path)
+    path.write_bytes(backup)  # charge b is missing from it
+    with pytest.raises(LedgerError, match="older copy of the ledger"):
+        ledger.spent("k")
+    with pytest.raises(LedgerError, match="older copy of the ledger"):
+        BudgetLedger(path)
+
+
+def test_a_limits_file_one_change_behind_is_repaired_and_two_behind_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    limits_file = path.with_name(path.name + ".limits.json")
+    ledger = BudgetLedger(path)
+    two_behind = limits_file.read_text()
+    ledger.reserve("k", "a", 1.0, 1e-5)
+    one_behind = limits_file.read_text()  # as a crash between the two writes leaves it
+    ledger.reserve("k", "b", 1.0, 1e-5)
+    limits_file.write_text(one_behind)
+    assert BudgetLedger(path).spent("k").charges == 2 and _generations(path) == (2, 2)
+    limits_file.write_text(one_behind)
+    assert ledger.spent("k").charges == 2 and _generations(path) == (2, 2)
+    limits_file.write_text(two_behind)
+    with pytest.raises(LedgerError, match="older copy of the limits file"):
+        BudgetLedger(path)
+    with pytest.raises(LedgerError, match="older copy of the limits file"):
+        ledger.spent("k")
+
+
+@pytest.mark.parametrize("damage", ["delete", "replace"])
+def test_a_limits_file_that_vanished_or_was_replaced_fails_closed(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = BudgetLedger(path)
+    limits_file = path.with_name(path.name + ".limits.json")
+    if damage == "delete":
+        limits_file.unlink()
+    else:
+        BudgetLedger(tmp_path / "other.db")
+        (tmp_path / "other.db.limits.json").replace(limits_file)
+    for use in (lambda: ledger.spent("k"), lambda: ledger.limits("k"), lambda: ledger.set_limits("k"),
+                lambda: BudgetLedger(path)):
+        with pytest.raises(LedgerError):
+            use()
+
+
+def test_a_ledger_from_before_the_generation_counter_opens(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    BudgetLedger(path).set_limits("k", total_epsilon=5.0)
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE meta DROP COLUMN generation")
+    db.close()
+    limits_file = path.with_name(path.name + ".limits.json")
+    config = json.loads(limits_file.read_text())
+    del config["generation"]
+    limits_file.write_text(json.dumps(config))
+    ledger = BudgetLedger(path)
+    assert ledger.limits("k").total_epsilon == 5.0 and ledger.spent("k").charges == 0
+
+
+def test_an_empty_file_without_limits_starts_a_new_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    path.touch()
+    ledger = BudgetLedger(path)
+    ledger.reserve("k", "a", 1.0, 1e-5)
+    assert BudgetLedger(path).spent("k").charges == 1
+
+
+def test_a_ledger_folder_is_created_and_a_held_lock_or_busy_file_fails_without_waiting_forever(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "ledger.db"
+    ledger = BudgetLedger(path, timeout=0.1)
+    with FileLock(str(path.with_name("ledger.db.lock"))):
+        with pytest.raises(LedgerError, match="lock"):
+            ledger.spent("k")
+    busy = sqlite3.connect(path, isolation_level=None)
+    busy.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # busy, not reported as corrupt
+        ledger.reserve("k", "a", 1.0, 1e-5)
+    busy.execute("ROLLBACK")
+    busy.close()
+    assert ledger.spent("k").charges == 0
+
+
+def test_a_ledger_whose_folder_or_lock_cannot_be_made_fails_closed(tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    with pytest.raises(LedgerError, match="folder"):
+        BudgetLedger(tmp_path / "file" / "ledger.db")
+    (tmp_path / "ledger.db.lock").mkdir()
+    with pytest.raises(LedgerError, match="lock"):
+        BudgetLedger(tmp_path / "ledger.db")
+
+
+def test_charges_with_a_mechanism_compose_with_those_without_up_to_the_cap(tmp_path: Path) -> None:
+    p, trials = 0.6, 100
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    three_tokens, one_trial_more = (composition.composed_epsilon(((p, n),), DEFAULT_DELTA) for n in (300, 301))
+    ledger.set_limits("k", total_epsilon=1.0 + (three_tokens + one_trial_more) / 2)  # 1.0, then exactly 3 tokens
+    ledger.reserve("k", "no-mechanism", 1.0, 1e-5)
+    with pytest.raises(BudgetExceededError):
+        ledger.reserve("k", "four", 0.1, 1e-5, Mechanism(tokens=4, trials_per_token=trials, p=p))
+    ledger.reserve("k", "three", 0.1, 1e-5, Mechanism(tokens=3, trials_per_token=trials, p=p))
+    for over in (lambda: ledger.reserve("k", "half", 0.5, 1e-5),
+                 lambda: ledger.reserve("k", "one-trial", 0.0, 1e-5, Mechanism(tokens=1, trials_per_token=1, p=p))):
+        with pytest.raises(BudgetExceededError):
+            over()
+    spent = ledger.spent("k")
+    assert spent.epsilon == pytest.approx(1.0 + three_tokens) and spent.delta == pytest.approx(DEFAULT_DELTA + 1e-5)
+    assert (spent.charges, spent.private_tokens) == (2, 3)
+
+
+def test_limits_are_non_negative_and_a_zero_cap_allows_nothing(tmp_path: Path) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    for limit in ("per_prompt_epsilon", "total_epsilon"):
+        with pytest.raises(ValueError, match=limit):
+            ledger.set_limits("k", **{limit: -1.0})
+    ledger.set_limits("k", per_prompt_epsilon=0.0, total_epsilon=0.0)
+    assert ledger.limits("k") == Limits(per_prompt_epsilon=0.0, total_epsilon=0.0)
+    with pytest.raises(BudgetExceededError):
+        ledger.reserve("k", "a", 0.5, 1e-5)
