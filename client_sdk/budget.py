@@ -189,7 +189,7 @@ class BudgetLedger:
             raise LedgerError(f"the ledger {self.path} vanished or is empty, but its limits file says it existed "
                               f"(id {config['ledger_id']}); refusing to start over with no spending recorded. "
                               f"Restore the file, or BudgetLedger.discard() it on purpose")
-        with self._connect(check_exists=False) as db:
+        with self._connect(check_exists=False) as db:  # an error before the COMMIT: closing it rolls back
             db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
                 db.execute(statement)
@@ -204,7 +204,6 @@ class BudgetLedger:
             legacy = self._legacy_limits(db)
             if row is None:
                 if exists and config is None and legacy is None and db.execute("SELECT 1 FROM charges").fetchone():
-                    db.execute("ROLLBACK")
                     raise LedgerError(f"the ledger {self.path} has no id and no limits file; refusing to guess")
                 ledger_id = uuid.uuid4().hex
                 db.execute("INSERT INTO meta (ledger_id) VALUES (?)", (ledger_id,))
@@ -212,21 +211,15 @@ class BudgetLedger:
                 ledger_id = row[0]
             if config is None:
                 if row is not None:
-                    db.execute("ROLLBACK")
                     raise LedgerError(f"the limits file {self.limits_path} of ledger {self.path} is missing; "
                                       f"refusing to send without its limits. Restore it, or "
                                       f"BudgetLedger.discard() the ledger on purpose")
                 self._write_config({"ledger_id": ledger_id, "keys": legacy or {}, "generation": 0})
             elif config["ledger_id"] != ledger_id:
-                db.execute("ROLLBACK")
                 raise LedgerError(f"the ledger {self.path} (id {ledger_id}) is not the one its limits file "
                                   f"describes (id {config['ledger_id']}): it was replaced; refusing to send")
             else:
-                try:
-                    self._check_generation(config, row[1])  # ids equal: the ledger had its row
-                except LedgerError:
-                    db.execute("ROLLBACK")
-                    raise
+                self._check_generation(config, row[1])  # ids equal: the ledger had its row
             db.execute("COMMIT")
         return ledger_id
 

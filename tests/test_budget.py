@@ -194,6 +194,19 @@ def test_an_old_ledger_with_charges_but_neither_id_nor_limits_fails_closed(tmp_p
     _old_ledger(path, limits=False)
     with pytest.raises(LedgerError, match="no id"):
         BudgetLedger(path)
+    db = sqlite3.connect(path)
+    assert [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["charges"]
+    db.close()  # the failed open changed nothing (no meta table, no new columns)
+    assert not path.with_name(path.name + ".limits.json").exists()
+
+
+def test_a_sqlite_file_of_another_kind_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE charges (amount REAL)")
+    db.close()
+    with pytest.raises(LedgerError):
+        BudgetLedger(path)
 
 
 @pytest.mark.parametrize("content", ["[]", '"text"', '{"ledger_id": 1, "keys": {}}', '{"ledger_id": "a", "keys": []}',
@@ -339,7 +352,7 @@ def test_charges_with_a_mechanism_compose_with_those_without_up_to_the_cap(tmp_p
     ledger.reserve("k", "three", 0.1, 1e-5, Mechanism(tokens=3, trials_per_token=trials, p=p))
     for over in (lambda: ledger.reserve("k", "half", 0.5, 1e-5),
                  lambda: ledger.reserve("k", "one-trial", 0.0, 1e-5, Mechanism(tokens=1, trials_per_token=1, p=p))):
-        with pytest.raises(BudgetExceededError):
+        with pytest.raises(BudgetExceededError, match=f"has spent {1.0 + three_tokens:.4g} of"):
             over()
     spent = ledger.spent("k")
     assert spent.epsilon == pytest.approx(1.0 + three_tokens) and spent.delta == pytest.approx(DEFAULT_DELTA + 1e-5)
