@@ -5,7 +5,7 @@ import math
 import pytest
 
 from client_sdk.accounting import binomial
-from client_sdk.errors import PolicyError
+from client_sdk.errors import BundleError, PolicyError
 from client_sdk.mechanism import MAX_BITS, MechanismParams
 from client_sdk.policy import REFERENCE_MU, PrivacyPolicy, epsilon_per_token, reference_mechanism
 
@@ -48,7 +48,7 @@ def test_the_policy_says_what_is_private_in_a_plain_string() -> None:
     assert set(PrivacyPolicy.default().treatments.values()) == {"placeholder"}
     with pytest.raises(ValueError):
         PrivacyPolicy(epsilon_per_token=10.0, private="names")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="treatment"):
         PrivacyPolicy(epsilon_per_token=10.0, private="detect", treatments={"PERSON": "public"})
 
 
@@ -78,3 +78,9 @@ def test_the_bits_come_from_the_app_else_the_suggestion_else_the_policys_widest(
     assert policy.choose(**args, bits=None, suggested_bits=8, allow_looser_suggestion=True).bits == 4
     with pytest.raises(PolicyError, match="n=8"):
         policy.mechanism(bits=8, dim=16, clip=0.05)
+
+
+def test_a_suggested_mu_the_mechanism_cannot_use_is_a_bundle_error_naming_it() -> None:
+    with pytest.raises(BundleError, match="mu=0"):
+        PrivacyPolicy(epsilon_per_token=10.0).choose(dim=16, clip=0.05, bits=None, mu=None, suggested_bits=4,
+                                                     suggested_mu=0.0)
