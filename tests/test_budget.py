@@ -1,5 +1,6 @@
 """The device's budget ledger: limits, idempotent charges, two writers at once, a crash mid-send."""
 
+import errno
 import json
 import multiprocessing
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from client_sdk import budget
 from client_sdk.accounting import DEFAULT_DELTA, composition
 from client_sdk.budget import BudgetLedger, Limits, Mechanism
 from client_sdk.errors import BudgetExceededError, LedgerError
@@ -59,8 +61,9 @@ def test_pending_charges_are_listed_and_settled(tmp_path: Path) -> None:
         ledger.settle("crashed-a", sent=False)
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate", "corrupt", "replace"])
-def test_a_damaged_ledger_with_limits_fails_closed(tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize(("damage", "diagnosis"), [("delete", "vanished"), ("truncate", "vanished"),
+                                                   ("corrupt", "corrupt"), ("replace", "replaced")])
+def test_a_damaged_ledger_with_limits_fails_closed(tmp_path: Path, damage: str, diagnosis: str) -> None:
     path = tmp_path / "ledger.db"
     ledger = BudgetLedger(path)
     ledger.set_limits("k", total_epsilon=100.0)
@@ -79,8 +82,8 @@ def test_a_damaged_ledger_with_limits_fails_closed(tmp_path: Path, damage: str) 
         (tmp_path / "other.db").rename(path)
     with pytest.raises(LedgerError):
         ledger.reserve("k", "b", 60.0, 1e-5)  # the open ledger object refuses
-    with pytest.raises(LedgerError):
-        BudgetLedger(path)  # and so does a fresh one
+    with pytest.raises(LedgerError, match=diagnosis):
+        BudgetLedger(path)  # and so does a fresh one, saying what happened
     BudgetLedger.discard(path)  # the app says so: start over
     assert BudgetLedger(path).spent("k").charges == 0
 
@@ -279,8 +282,9 @@ def test_a_limits_file_one_change_behind_is_repaired_and_two_behind_fails_closed
         ledger.spent("k")
 
 
-@pytest.mark.parametrize("damage", ["delete", "replace"])
-def test_a_limits_file_that_vanished_or_was_replaced_fails_closed(tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize(("damage", "diagnosis"), [("delete", "missing"), ("replace", "replaced")])
+def test_a_limits_file_that_vanished_or_was_replaced_fails_closed(tmp_path: Path, damage: str,
+                                                                   diagnosis: str) -> None:
     path = tmp_path / "ledger.db"
     ledger = BudgetLedger(path)
     limits_file = path.with_name(path.name + ".limits.json")
@@ -289,10 +293,11 @@ def test_a_limits_file_that_vanished_or_was_replaced_fails_closed(tmp_path: Path
     else:
         BudgetLedger(tmp_path / "other.db")
         (tmp_path / "other.db.limits.json").replace(limits_file)
-    for use in (lambda: ledger.spent("k"), lambda: ledger.limits("k"), lambda: ledger.set_limits("k"),
-                lambda: BudgetLedger(path)):
-        with pytest.raises(LedgerError):
+    for use in (lambda: ledger.spent("k"), lambda: ledger.limits("k"), lambda: ledger.set_limits("k")):
+        with pytest.raises(LedgerError, match="vanished or was replaced"):
             use()
+    with pytest.raises(LedgerError, match=diagnosis):
+        BudgetLedger(path)
 
 
 def test_a_ledger_from_before_the_generation_counter_opens(tmp_path: Path) -> None:
@@ -307,6 +312,8 @@ def test_a_ledger_from_before_the_generation_counter_opens(tmp_path: Path) -> No
     limits_file.write_text(json.dumps(config))
     ledger = BudgetLedger(path)
     assert ledger.limits("k").total_epsilon == 5.0 and ledger.spent("k").charges == 0
+    BudgetLedger(path).reserve("k", "a", 1.0, 1e-5)  # migrated once: it opens again
+    assert _generations(path) == (1, 1)
 
 
 def test_an_empty_file_without_limits_starts_a_new_ledger(tmp_path: Path) -> None:
@@ -368,3 +375,22 @@ def test_limits_are_non_negative_and_a_zero_cap_allows_nothing(tmp_path: Path) -
     assert ledger.limits("k") == Limits(per_prompt_epsilon=0.0, total_epsilon=0.0)
     with pytest.raises(BudgetExceededError):
         ledger.reserve("k", "a", 0.5, 1e-5)
+
+
+def test_a_limits_file_that_cannot_be_written_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+
+    def failing_fsync(directory: Path) -> None:
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(budget, "fsync_directory", failing_fsync)
+    with pytest.raises(LedgerError, match="cannot write"):
+        ledger.set_limits("k", total_epsilon=1.0)
+
+
+def test_spending_is_composed_at_the_keys_delta(tmp_path: Path) -> None:
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    ledger.set_limits("k", delta=1e-7)
+    ledger.reserve("k", "a", 1.0, 1e-5, Mechanism(tokens=2, trials_per_token=100, p=0.6))
+    spent = ledger.spent("k")
+    assert spent.delta == 1e-7 and spent.epsilon == composition.composed_epsilon(((0.6, 200),), 1e-7)
