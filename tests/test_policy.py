@@ -46,7 +46,7 @@ def test_suggestions_and_explicit_settings_must_fit() -> None:
 def test_the_policy_says_what_is_private_in_a_plain_string() -> None:
     assert PrivacyPolicy.default().private == "message"  # the whole message, unless the app asks for detection
     assert set(PrivacyPolicy.default().treatments.values()) == {"placeholder"}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="private"):
         PrivacyPolicy(epsilon_per_token=10.0, private="names")
     with pytest.raises(ValueError, match="treatment"):
         PrivacyPolicy(epsilon_per_token=10.0, private="detect", treatments={"PERSON": "public"})
