@@ -40,14 +40,19 @@ TABLE = RESULTS.with_suffix(".md")
 EQUIVALENT = REPO / "bench" / "mutation_equivalent.json"
 
 CLIENT_TESTS = ["tests/test_client.py"]
+LEDGER_TESTS = ["tests/test_budget.py", *(f"tests/test_client.py::{name}" for name in (
+    "test_the_template_is_public_the_message_private_and_only_private_tokens_are_charged",
+    "test_the_default_ledger_exists_after_the_first_call_and_survives_a_restart",
+    "test_over_budget_is_refused_before_any_byte_leaves", "test_a_prompt_over_the_per_prompt_cap_sends_nothing",
+    "test_a_failed_send_releases_the_charge_only_when_nothing_can_have_left"))]
 MODULES: dict[str, list[str]] = {
     "client_sdk/client.py": CLIENT_TESTS,
-    "client_sdk/budget.py": ["tests/test_budget.py", *CLIENT_TESTS],
+    "client_sdk/budget.py": LEDGER_TESTS,
     "client_sdk/policy.py": ["tests/test_policy.py", *CLIENT_TESTS],
     "client_sdk/mechanism.py": ["tests/test_mechanism.py", "tests/test_accounting.py", "tests/test_policy.py"],
     "client_sdk/wire.py": ["tests/test_wire.py", *CLIENT_TESTS],
     "client_sdk/spans.py": ["tests/test_spans.py", *CLIENT_TESTS],
-    "client_sdk/privatize.py": ["tests/test_wire.py", "tests/test_spans.py", *CLIENT_TESTS],
+    "client_sdk/privatize.py": ["tests/test_privatize.py", "tests/test_wire.py", "tests/test_spans.py", *CLIENT_TESTS],
     "client_sdk/bundle.py": ["tests/test_bundle.py", *CLIENT_TESTS],
     "client_sdk/accounting/*.py": ["tests/test_accounting.py", "tests/test_budget.py", "tests/test_policy.py"],
     "app/access.py": ["tests/test_keys.py", *(f"tests/test_hardening.py::{name}" for name in (

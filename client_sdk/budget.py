@@ -59,8 +59,8 @@ CREATE TABLE IF NOT EXISTS charges (
     trials INTEGER,
     p REAL
 );
-CREATE INDEX IF NOT EXISTS charges_by_key_p ON charges (key, p);
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS charges_by_key_p ON charges (key, p)"  # after the columns' migration
 _MECHANISM_COLUMNS = (("tokens", "INTEGER"), ("trials", "INTEGER"), ("p", "REAL"))
 
 
@@ -153,8 +153,8 @@ class BudgetLedger:
     def _read_config(self) -> dict | None:
         try:
             config = json.loads(self.limits_path.read_text())
-            if (not isinstance(config.get("ledger_id"), str) or not isinstance(config.get("keys"), dict)
-                    or not isinstance(config.get("generation", 0), int)):
+            if (not isinstance(config, dict) or not isinstance(config.get("ledger_id"), str)
+                    or not isinstance(config.get("keys"), dict) or not isinstance(config.get("generation", 0), int)):
                 raise ValueError("missing fields")
             return config
         except FileNotFoundError:
@@ -162,6 +162,13 @@ class BudgetLedger:
         except (ValueError, OSError) as exc:
             raise LedgerError(f"the ledger's limits file {self.limits_path} is unreadable ({exc}); refusing to "
                               f"send. Restore it, or BudgetLedger.discard() the ledger on purpose") from exc
+
+    def _own_config(self) -> dict:
+        """The limits file, which must still be this ledger's."""
+        config = self._read_config()
+        if config is None or config["ledger_id"] != self.ledger_id:
+            raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+        return config
 
     def _write_config(self, config: dict) -> None:
         try:
@@ -182,10 +189,7 @@ class BudgetLedger:
             raise LedgerError(f"the ledger {self.path} vanished or is empty, but its limits file says it existed "
                               f"(id {config['ledger_id']}); refusing to start over with no spending recorded. "
                               f"Restore the file, or BudgetLedger.discard() it on purpose")
-        if config is None and self.path.exists() and self.path.stat().st_size == 0:
-            self.path.unlink()  # an empty file never held a charge
-            exists = False
-        with self._connect(check_exists=False) as db:
+        with self._connect(check_exists=False) as db:  # an error before the COMMIT: closing it rolls back
             db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
                 db.execute(statement)
@@ -193,35 +197,29 @@ class BudgetLedger:
             for name, kind in _MECHANISM_COLUMNS:  # ledgers written before composition: basic composition
                 if name not in columns:
                     db.execute(f"ALTER TABLE charges ADD COLUMN {name} {kind}")
+            db.execute(_INDEX)
             if "generation" not in {row[1] for row in db.execute("PRAGMA table_info(meta)")}:
                 db.execute("ALTER TABLE meta ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
             row = db.execute("SELECT ledger_id, generation FROM meta").fetchone()
             legacy = self._legacy_limits(db)
             if row is None:
                 if exists and config is None and legacy is None and db.execute("SELECT 1 FROM charges").fetchone():
-                    db.execute("ROLLBACK")
                     raise LedgerError(f"the ledger {self.path} has no id and no limits file; refusing to guess")
-                ledger_id = config["ledger_id"] if config and not exists else uuid.uuid4().hex
+                ledger_id = uuid.uuid4().hex
                 db.execute("INSERT INTO meta (ledger_id) VALUES (?)", (ledger_id,))
             else:
                 ledger_id = row[0]
             if config is None:
-                if exists and row is not None:
-                    db.execute("ROLLBACK")
+                if row is not None:
                     raise LedgerError(f"the limits file {self.limits_path} of ledger {self.path} is missing; "
                                       f"refusing to send without its limits. Restore it, or "
                                       f"BudgetLedger.discard() the ledger on purpose")
-                self._write_config({"ledger_id": ledger_id, "keys": legacy or {}, "generation": row[1] if row else 0})
+                self._write_config({"ledger_id": ledger_id, "keys": legacy or {}, "generation": 0})
             elif config["ledger_id"] != ledger_id:
-                db.execute("ROLLBACK")
                 raise LedgerError(f"the ledger {self.path} (id {ledger_id}) is not the one its limits file "
                                   f"describes (id {config['ledger_id']}): it was replaced; refusing to send")
             else:
-                try:
-                    self._check_generation(config, row[1] if row else 0)
-                except LedgerError:
-                    db.execute("ROLLBACK")
-                    raise
+                self._check_generation(config, row[1])  # ids equal: the ledger had its row
             db.execute("COMMIT")
         return ledger_id
 
@@ -278,9 +276,7 @@ class BudgetLedger:
                 row = db.execute("SELECT ledger_id, generation FROM meta").fetchone()
                 if row is None or row[0] != self.ledger_id:
                     raise LedgerError(f"the ledger {self.path} was replaced while in use; refusing to send")
-                config = self._read_config()
-                if config is None or config["ledger_id"] != self.ledger_id:
-                    raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+                config = self._own_config()
                 self._check_generation(config, row[1])
                 before = db.total_changes
                 yield db
@@ -304,18 +300,13 @@ class BudgetLedger:
                 raise ValueError(f"{name} must be non-negative, got {value}")
         wanted = {"per_prompt_epsilon": per_prompt_epsilon, "total_epsilon": total_epsilon, "delta": delta}
         with self._locked():
-            config = self._read_config()
-            if config is None or config["ledger_id"] != self.ledger_id:
-                raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
+            config = self._own_config()
             if config["keys"].get(key) != wanted:
                 config["keys"][key] = wanted
                 self._write_config(config)
 
     def limits(self, key: str) -> Limits:
-        config = self._read_config()
-        if config is None or config["ledger_id"] != self.ledger_id:
-            raise LedgerError(f"the limits file {self.limits_path} vanished or was replaced; refusing")
-        entry = config["keys"].get(key)
+        entry = self._own_config()["keys"].get(key)
         return Limits(**entry) if entry else Limits(None, None)
 
     # -- spending -----------------------------------------------------------------------------------
