@@ -49,6 +49,9 @@ class Part:
             raise ValueError(f"unknown treatment {self.treatment!r}; use 'noise', 'placeholder' or 'public'")
         if not LABEL.fullmatch(self.label):
             raise ValueError(f"placeholder label must match {LABEL.pattern}, got {self.label!r}")
+        if self.treatment == "placeholder" and not self.text.strip():
+            # a conversation replaces every occurrence of a placeholder's text: a blank one would match everywhere
+            raise ValueError("a placeholder's text must not be empty or only whitespace")
 
 
 Content = Union[str, Sequence[Union[Part, tuple[str, bool]]]]
@@ -96,7 +99,7 @@ def as_messages(prompt: str | Sequence[Message | Mapping]) -> list[Message]:
     """A prompt string is one private user message; dicts {role, content, public?} become Messages."""
     if isinstance(prompt, str):
         return [Message("user", prompt)]
-    messages = [m if isinstance(m, Message) else Message(m["role"], m["content"], bool(m.get("public", False)))
+    messages = [m if isinstance(m, Message) else Message(m["role"], m["content"], bool(m.get("public")))
                 for m in prompt]
     if not messages:
         raise ValueError("no messages")

@@ -24,6 +24,14 @@ def test_the_default_is_private_throughout() -> None:
         Part("x", "blur")
 
 
+@pytest.mark.parametrize("text", ["", " \n"])
+def test_a_blank_placeholder_is_refused(text: str) -> None:
+    # the conversation would replace its text everywhere: between every character of every message
+    with pytest.raises(ValueError):
+        Part(text, "placeholder", "PERSON")
+    assert Part(text, "public").text == text  # blank text is fine when it is not replaced
+
+
 @settings(max_examples=200, deadline=None)
 @given(cuts=st.lists(st.integers(0, 60), max_size=8))
 def test_placeholders_are_restored_however_the_answer_is_chunked(cuts: list[int]) -> None:

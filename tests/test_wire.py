@@ -141,5 +141,39 @@ def test_version_1_payloads_still_decode_as_one_private_span() -> None:
     payload = make_payload(tokens=2)
     p = payload.params
     v1 = wire.HEADER_V1.pack(b"VEIL", 1, p.bits, 0, p.dim, 2, p.clip, p.scale, bytes.fromhex(PID))
-    back = wire.decode(v1 + wire.pack_levels(payload.levels, p.bits), projections={PID: 8})
+    data = v1 + wire.pack_levels(payload.levels, p.bits)
+    back = wire.decode(data, projections={PID: 8})
     assert back.spans == (wire.Span(True, 2),) and np.array_equal(back.levels, payload.levels)
+    assert back.params == p and back.projection_id == PID
+    # the same checks as version 2: the server's projections and token limit
+    with pytest.raises(WireFormatError, match="unknown projection id"):
+        wire.decode(data, projections={"f" * 16: 8})
+    with pytest.raises(WireFormatError, match="over the limit"):
+        wire.decode(data, max_tokens=1)
+
+
+def test_settings_the_mechanism_refuses_are_wire_errors() -> None:
+    # a payload's settings are the sender's fault (WireFormatError, a 400), never a MechanismError from the server
+    for data in (patch_header(GOOD, scale=0.05), patch_header(GOOD, dim=0)):  # A = c; k = 0 without projections
+        with pytest.raises(WireFormatError):
+            wire.decode(data)
+
+
+def test_the_token_limit_is_inclusive() -> None:
+    assert wire.decode(GOOD, max_tokens=3).tokens == 3
+    with pytest.raises(WireFormatError, match="over the limit"):
+        wire.decode(GOOD, max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(levels=np.zeros((3, 7), np.uint8)), dict(levels=np.zeros(24, np.uint8)),
+     dict(public_ids=np.array([-1]), spans=(wire.Span(True, 3), wire.Span(False, 1))),
+     dict(public_ids=np.array([2**32]), spans=(wire.Span(True, 3), wire.Span(False, 1))),
+     dict(spans=(wire.Span(True, 3), wire.Span(False, 0)))],
+)
+def test_encode_refuses_payloads_it_cannot_write_faithfully(bad: dict) -> None:
+    base = make_payload()
+    fields = {"params": base.params, "projection_id": PID, "levels": base.levels, **bad}
+    with pytest.raises(WireFormatError):
+        wire.encode(wire.Payload(**fields))
