@@ -7,7 +7,8 @@ import pytest
 from scipy.stats import binom, chisquare, norm
 
 from client_sdk.errors import MechanismError
-from client_sdk.mechanism import MIN_MU, MechanismParams, calibrate_scale, dequantize, quantize, secure_rng
+from client_sdk.mechanism import (MIN_MU, MechanismParams, calibrate_scale, dequantize, max_scale, quantize,
+                                  secure_rng)
 
 Z = 5.0  # a 5-sigma band: a correct implementation fails about once in 1.7 million checks
 
@@ -75,14 +76,14 @@ def test_fresh_seed_per_call_and_reproducible_test_seed() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(bits=0, dim=4, clip=0.1, scale=1.0), dict(bits=9, dim=4, clip=0.1, scale=1.0),
-     dict(bits=4, dim=0, clip=0.1, scale=1.0), dict(bits=4, dim=4, clip=0.1, scale=0.1),
-     dict(bits=4, dim=4, clip=-1.0, scale=1.0), dict(bits=4, dim=4, clip=0.0, scale=1.0),
-     dict(bits=4, dim=4, clip=0.1, scale=float("inf"))],
+    ("kwargs", "named"),
+    [(dict(bits=0, dim=4, clip=0.1, scale=1.0), "bits"), (dict(bits=9, dim=4, clip=0.1, scale=1.0), "bits"),
+     (dict(bits=4, dim=0, clip=0.1, scale=1.0), "dim"), (dict(bits=4, dim=4, clip=0.1, scale=0.1), "scale"),
+     (dict(bits=4, dim=4, clip=-1.0, scale=1.0), "clip"), (dict(bits=4, dim=4, clip=0.0, scale=1.0), "clip"),
+     (dict(bits=4, dim=4, clip=0.1, scale=float("inf")), "scale")],
 )
-def test_invalid_settings_raise(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_settings_raise_naming_the_setting(kwargs: dict, named: str) -> None:
+    with pytest.raises(MechanismError, match=named):
         MechanismParams(**kwargs)
 
 
@@ -116,6 +117,13 @@ def test_a_scale_float32_holds_exactly_is_kept_and_one_it_cannot_is_rounded_up()
 
 @pytest.mark.parametrize("mu", [MIN_MU / 2, float("inf"), float("nan")])
 def test_calibration_refuses_a_mu_outside_the_calibrated_range(mu: float) -> None:
-    with pytest.raises(MechanismError):
+    with pytest.raises(MechanismError, match="mu"):
         calibrate_scale(mu, 4, 8, 0.05)
     assert calibrate_scale(MIN_MU, 4, 8, 0.05) > 0  # the smallest mu is calibrated
+
+
+def test_the_largest_scale_is_the_one_calibrated_at_the_smallest_mu() -> None:
+    # the wire's bound on A: exactly from_mu's A at MIN_MU (from the float32 clip, rounded up to float32)
+    largest = MechanismParams.from_mu(MIN_MU, bits=4, dim=64, clip=0.05).scale
+    assert max_scale(4, 64, 0.05) == largest
+    assert MechanismParams.from_mu(1.0, bits=4, dim=64, clip=0.05).scale < largest

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from client_sdk.spans import Conversation, Message, Part, as_messages, markup, token_spans
 
@@ -93,10 +93,13 @@ def test_a_restored_answer_sent_back_as_a_public_turn_keeps_its_values_on_the_de
     assert tokenizer.token_to_id("ann") not in public
 
 
-def word_tokenizer() -> Tokenizer:
+def word_tokenizer(bos: bool = False) -> Tokenizer:
+    """Whole words; with `bos`, encoding with special tokens puts "<s>" (id 0) first, as Llama's tokenizer does."""
     words = ["<s>", "hi", "ann", "smith", "met", "bob", "?", "Ġann"]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<s>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return tokenizer
 
 
@@ -104,3 +107,11 @@ def test_spans_are_tokenized_separately_and_alternate() -> None:
     spans = token_spans(word_tokenizer(), [Message("user", [("hi", False), ("ann smith", True), ("met bob ?", False)])])
     assert [(s.private, s.ids.tolist()) for s in spans] == [(False, [1]), (True, [2, 3]), (False, [4, 5, 6])]
     assert all(isinstance(s.ids, np.ndarray) for s in spans)
+
+
+def test_the_tokenizers_prefix_is_public_once_and_spans_of_one_kind_are_joined() -> None:
+    # the private " " tokenizes to nothing, so the public spans around it become one
+    messages = [Message("system", "hi", public=True), Message("user", " "), Message("user", "bob", public=True),
+                Message("user", "ann")]
+    spans = token_spans(word_tokenizer(bos=True), messages)
+    assert [(s.private, s.ids.tolist()) for s in spans] == [(False, [0, 1, 5]), (True, [2])]

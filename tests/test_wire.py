@@ -83,7 +83,7 @@ def test_nonzero_padding_is_rejected() -> None:
 def test_encode_refuses_levels_that_do_not_fit() -> None:
     payload = make_payload(bits=2)
     bad = wire.Payload(payload.params, PID, np.full((1, 8), 4, dtype=np.uint8))
-    with pytest.raises(WireFormatError):
+    with pytest.raises(WireFormatError, match="at most"):
         wire.encode(bad)
     with pytest.raises(WireFormatError, match="projection id"):
         wire.encode(wire.Payload(payload.params, "xyz", payload.levels))
@@ -109,6 +109,7 @@ def test_spans_round_trip_in_order_with_public_ids_in_the_clear() -> None:
     assert data[48:60] == struct.pack("!III", 5, 70000, 1)  # public ids, as they are
     back = wire.decode(data, projections={PID: 8}, vocab_size=70001)
     assert back.spans == payload.spans and back.public_ids.tolist() == [5, 70000, 1]
+    assert back.public_ids.dtype == np.int64  # native integers, as the server's embedding lookup takes them
     assert np.array_equal(back.levels, payload.levels)
     assert [(s.private, d.tolist()) for s, d in back.segments()][0] == (False, [5, 70000])
 
@@ -154,9 +155,10 @@ def test_version_1_payloads_still_decode_as_one_private_span() -> None:
 
 def test_settings_the_mechanism_refuses_are_wire_errors() -> None:
     # a payload's settings are the sender's fault (WireFormatError, a 400), never a MechanismError from the server
-    for data in (patch_header(GOOD, scale=0.05), patch_header(GOOD, dim=0)):  # A = c; k = 0 without projections
-        with pytest.raises(WireFormatError):
-            wire.decode(data)
+    with pytest.raises(WireFormatError):
+        wire.decode(patch_header(GOOD, scale=0.05))  # A = c
+    with pytest.raises(WireFormatError, match="dim"):  # k = 0, checked without projections too
+        wire.decode(patch_header(GOOD, dim=0)[: wire.payload_size(3, 0, 4)])
 
 
 def test_the_token_limit_is_inclusive() -> None:
@@ -165,15 +167,20 @@ def test_the_token_limit_is_inclusive() -> None:
         wire.decode(GOOD, max_tokens=2)
 
 
+ONE_PUBLIC = (wire.Span(True, 3), wire.Span(False, 1))
+
+
 @pytest.mark.parametrize(
-    "bad",
-    [dict(levels=np.zeros((3, 7), np.uint8)), dict(levels=np.zeros(24, np.uint8)),
-     dict(public_ids=np.array([-1]), spans=(wire.Span(True, 3), wire.Span(False, 1))),
-     dict(public_ids=np.array([2**32]), spans=(wire.Span(True, 3), wire.Span(False, 1))),
-     dict(spans=(wire.Span(True, 3), wire.Span(False, 0)))],
+    ("bad", "named"),
+    [(dict(levels=np.zeros((3, 7), np.uint8)), "shape"), (dict(levels=np.zeros(24, np.uint8)), "shape"),
+     (dict(public_ids=np.array([-1]), spans=ONE_PUBLIC), "32 bits"),
+     (dict(public_ids=np.array([2**32]), spans=ONE_PUBLIC), "32 bits"),
+     (dict(public_ids=[2**64], spans=ONE_PUBLIC), "32 bits"),
+     (dict(spans=(wire.Span(True, 3), wire.Span(False, 0))), "span"),
+     (dict(spans=(wire.Span(True, 2),)), "private spans"), (dict(spans=ONE_PUBLIC), "public spans")],
 )
-def test_encode_refuses_payloads_it_cannot_write_faithfully(bad: dict) -> None:
+def test_encode_refuses_payloads_it_cannot_write_faithfully(bad: dict, named: str) -> None:
     base = make_payload()
     fields = {"params": base.params, "projection_id": PID, "levels": base.levels, **bad}
-    with pytest.raises(WireFormatError):
+    with pytest.raises(WireFormatError, match=named):
         wire.encode(wire.Payload(**fields))
