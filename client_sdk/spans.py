@@ -23,7 +23,7 @@ the whole string.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping, Sequence, Union
 
 import numpy as np
@@ -176,13 +176,11 @@ class Conversation:
             else:
                 continue  # a noised value inside noised text: already noised
             if match.start() > last:
-                out.append(Part(part.text[last : match.start()], part.treatment, part.label))
+                out.append(replace(part, text=part.text[last : match.start()]))
             out.append(replaced)
             last = match.end()
-        if last == 0:
-            return [part]
         if last < len(part.text):
-            out.append(Part(part.text[last:], part.treatment, part.label))
+            out.append(replace(part, text=part.text[last:]))
         return out
 
     @property
@@ -233,7 +231,7 @@ def _bounded(value: str) -> str:
 
 def _cut_placeholder(text: str, names: Mapping[str, str]) -> int:
     """The length of a proper prefix of an issued `[LABEL_n]` that ends the text (0 if none)."""
-    start = text.rfind("[", max(0, len(text) - max(len(n) for n in names)))
+    start = text.rfind("[")
     if start < 0:
         return 0
     tail = text[start:]

@@ -115,3 +115,37 @@ def test_the_tokenizers_prefix_is_public_once_and_spans_of_one_kind_are_joined()
                 Message("user", "ann")]
     spans = token_spans(word_tokenizer(bos=True), messages)
     assert [(s.private, s.ids.tolist()) for s in spans] == [(False, [0, 1, 5]), (True, [2])]
+
+
+def test_markup_leaves_no_empty_parts_between_or_around_marked_text() -> None:
+    assert markup("[[Ann|PERSON]][[555-0100]]") == [Part("Ann", "placeholder", "PERSON"), Part("555-0100", "noise")]
+
+
+def test_each_value_of_a_label_gets_its_own_number() -> None:
+    conversation = Conversation()
+    names = [conversation.public_text(Part(text, "placeholder", label))
+             for text, label in [("Ann", "PERSON"), ("Bath", "CITY"), ("Bob", "PERSON")]]
+    assert names == ["[PERSON_1]", "[CITY_1]", "[PERSON_2]"]
+
+
+def test_known_values_are_matched_as_whole_words_and_each_given_its_treatment() -> None:
+    conversation = Conversation()
+    marked = Message("user", [Part("Bath", "noise"), Part("Ann", "placeholder", "PERSON"),
+                              Part("<ann>", "placeholder", "HANDLE")])
+    later = [Message("user", "Bath, then Ann"), Message("user", "JoAnn wrote to<ann>cc", public=True)]
+    parts = conversation.parts([marked, *later])[1:]
+    # a noised value inside noised text stays noised, and the values after it still get their treatment
+    assert parts[0] == [Part("Bath, then ", "noise"), Part("Ann", "placeholder", "PERSON")]
+    # "Ann" inside "JoAnn" is another word; "<ann>" has no word character at its ends, so no word boundary either
+    assert parts[1] == [Part("JoAnn wrote to", "public"), Part("<ann>", "placeholder", "HANDLE"), Part("cc", "public")]
+
+
+def test_an_answer_that_is_only_a_cut_off_placeholder_is_dropped() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    assert conversation.restore("[PERS") == ""
+
+
+def test_a_part_is_a_part_or_a_text_and_privacy_pair() -> None:
+    with pytest.raises(TypeError):
+        Message("user", [("x", True, "extra")]).parts()
