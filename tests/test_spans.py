@@ -149,3 +149,11 @@ def test_an_answer_that_is_only_a_cut_off_placeholder_is_dropped() -> None:
 def test_a_part_is_a_part_or_a_text_and_privacy_pair() -> None:
     with pytest.raises(TypeError):
         Message("user", [("x", True, "extra")]).parts()
+
+
+def test_a_whole_placeholder_ending_a_chunk_is_restored_at_once() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    restorer = conversation.stream_restorer()
+    assert restorer.feed("Dear [PERSON_1]") == "Dear Ann"  # nothing longer could begin there: not held back
+    assert restorer.feed(", hi [PERSON_") == ", hi " and restorer.flush() == ""
