@@ -130,7 +130,7 @@ def unpack_levels(body: bytes, bits: int, count: int) -> np.ndarray:
     if all_bits[count * bits :].any():
         raise WireFormatError("payload padding bits after the last value are not zero")
     bit_matrix = all_bits[: count * bits].reshape(count, bits)
-    return np.packbits(bit_matrix, axis=1).reshape(-1) >> np.uint8(8 - bits)
+    return np.packbits(bit_matrix, axis=1).ravel() >> np.uint8(8 - bits)
 
 
 def projection_id_bytes(projection_id: str) -> bytes:

@@ -34,6 +34,12 @@ def test_round_trip_and_exact_size(bits: int, dim: int, tokens: int, seed: int) 
 def test_bit_order_is_msb_first() -> None:
     assert wire.pack_levels(np.array([1, 2, 3], dtype=np.uint8), 2) == bytes([0b01101100])
     assert wire.pack_levels(np.array([15, 0, 9], dtype=np.uint8), 4) == bytes([0xF0, 0x90])
+    assert wire.unpack_levels(bytes([0xF0, 0x90]), 4, 3).tolist() == [15, 0, 9]  # count values, flat
+
+
+def test_the_size_bound_covers_every_payload_of_at_most_that_many_tokens() -> None:
+    # the worst case of each part at once: every token a span of its own, public and private, at 8 bits
+    assert wire.max_payload_size(5, 7) == wire.payload_size(5, 7, wire.MAX_BITS, public=5, spans=5)
 
 
 def patch_header(data: bytes, **fields: object) -> bytes:
@@ -146,6 +152,8 @@ def test_version_1_payloads_still_decode_as_one_private_span() -> None:
     back = wire.decode(data, projections={PID: 8})
     assert back.spans == (wire.Span(True, 2),) and np.array_equal(back.levels, payload.levels)
     assert back.params == p and back.projection_id == PID
+    with pytest.raises(WireFormatError, match="shorter"):
+        wire.decode(v1[:-1])
     # the same checks as version 2: the server's projections and token limit
     with pytest.raises(WireFormatError, match="unknown projection id"):
         wire.decode(data, projections={"f" * 16: 8})
@@ -184,3 +192,13 @@ def test_encode_refuses_payloads_it_cannot_write_faithfully(bad: dict, named: st
     fields = {"params": base.params, "projection_id": PID, "levels": base.levels, **bad}
     with pytest.raises(WireFormatError, match=named):
         wire.encode(wire.Payload(**fields))
+
+
+def test_segments_pair_each_span_with_its_own_rows_and_ids() -> None:
+    base = make_payload(tokens=4)
+    payload = wire.Payload(base.params, PID, base.levels, public_ids=np.array([7]),
+                           spans=(wire.Span(True, 1), wire.Span(False, 1), wire.Span(True, 1), wire.Span(True, 2)))
+    segments = list(payload.segments())
+    assert [s for s, _ in segments] == list(payload.spans) and segments[1][1].tolist() == [7]
+    rows = [data for span, data in segments if span.private]
+    assert [r.tolist() for r in rows] == [base.levels[:1].tolist(), base.levels[1:2].tolist(), base.levels[2:].tolist()]
