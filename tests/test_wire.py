@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from client_sdk import wire
 from client_sdk.errors import WireFormatError
-from client_sdk.mechanism import MechanismParams
+from client_sdk.mechanism import MechanismParams, max_scale
 
 PID = "0123456789abcdef"
 
@@ -167,6 +167,11 @@ def test_settings_the_mechanism_refuses_are_wire_errors() -> None:
         wire.decode(patch_header(GOOD, scale=0.05))  # A = c
     with pytest.raises(WireFormatError, match="dim"):  # k = 0, checked without projections too
         wire.decode(patch_header(GOOD, dim=0)[: wire.payload_size(3, 0, 4)])
+    # the largest A the mechanism produces (at MIN_MU) is accepted, anything over it is not
+    largest = max_scale(4, 8, wire.decode(GOOD).params.clip)
+    assert wire.decode(patch_header(GOOD, scale=largest)).params.scale == largest
+    with pytest.raises(WireFormatError, match="over"):
+        wire.decode(patch_header(GOOD, scale=largest * 1.001))
 
 
 def test_the_token_limit_is_inclusive() -> None:
@@ -196,9 +201,11 @@ def test_encode_refuses_payloads_it_cannot_write_faithfully(bad: dict, named: st
 
 def test_segments_pair_each_span_with_its_own_rows_and_ids() -> None:
     base = make_payload(tokens=4)
-    payload = wire.Payload(base.params, PID, base.levels, public_ids=np.array([7]),
-                           spans=(wire.Span(True, 1), wire.Span(False, 1), wire.Span(True, 1), wire.Span(True, 2)))
+    payload = wire.Payload(base.params, PID, base.levels, public_ids=np.array([7, 8, 9]),
+                           spans=(wire.Span(True, 1), wire.Span(False, 1), wire.Span(True, 1), wire.Span(False, 1),
+                                  wire.Span(False, 1), wire.Span(True, 2)))
     segments = list(payload.segments())
-    assert [s for s, _ in segments] == list(payload.spans) and segments[1][1].tolist() == [7]
+    assert [s for s, _ in segments] == list(payload.spans)
+    assert [data.tolist() for span, data in segments if not span.private] == [[7], [8], [9]]
     rows = [data for span, data in segments if span.private]
     assert [r.tolist() for r in rows] == [base.levels[:1].tolist(), base.levels[1:2].tolist(), base.levels[2:].tolist()]
