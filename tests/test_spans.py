@@ -157,3 +157,15 @@ def test_a_whole_placeholder_ending_a_chunk_is_restored_at_once() -> None:
     restorer = conversation.stream_restorer()
     assert restorer.feed("Dear [PERSON_1]") == "Dear Ann"  # nothing longer could begin there: not held back
     assert restorer.feed(", hi [PERSON_") == ", hi " and restorer.flush() == ""
+
+
+def test_a_bare_placeholder_opening_an_answer_is_restored_and_nothing_else_is_cut() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    assert conversation.restore("PERSON_1 said hi") == "Ann said hi"
+
+
+def test_a_placeholder_in_a_url_opening_an_answer_is_not_restored() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    assert conversation.restore("www.Xy.example/[PERSON_1]") == "www.Xy.example/[PERSON_1]"
