@@ -23,7 +23,7 @@ the whole string.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping, Sequence, Union
 
 import numpy as np
@@ -49,6 +49,9 @@ class Part:
             raise ValueError(f"unknown treatment {self.treatment!r}; use 'noise', 'placeholder' or 'public'")
         if not LABEL.fullmatch(self.label):
             raise ValueError(f"placeholder label must match {LABEL.pattern}, got {self.label!r}")
+        if self.treatment == "placeholder" and not self.text.strip():
+            # a conversation replaces every occurrence of a placeholder's text: a blank one would match everywhere
+            raise ValueError("a placeholder's text must not be empty or only whitespace")
 
 
 Content = Union[str, Sequence[Union[Part, tuple[str, bool]]]]
@@ -96,7 +99,7 @@ def as_messages(prompt: str | Sequence[Message | Mapping]) -> list[Message]:
     """A prompt string is one private user message; dicts {role, content, public?} become Messages."""
     if isinstance(prompt, str):
         return [Message("user", prompt)]
-    messages = [m if isinstance(m, Message) else Message(m["role"], m["content"], bool(m.get("public", False)))
+    messages = [m if isinstance(m, Message) else Message(m["role"], m["content"], bool(m.get("public")))
                 for m in prompt]
     if not messages:
         raise ValueError("no messages")
@@ -173,13 +176,11 @@ class Conversation:
             else:
                 continue  # a noised value inside noised text: already noised
             if match.start() > last:
-                out.append(Part(part.text[last : match.start()], part.treatment, part.label))
+                out.append(replace(part, text=part.text[last : match.start()]))
             out.append(replaced)
             last = match.end()
-        if last == 0:
-            return [part]
         if last < len(part.text):
-            out.append(Part(part.text[last:], part.treatment, part.label))
+            out.append(replace(part, text=part.text[last:]))
         return out
 
     @property
@@ -230,7 +231,7 @@ def _bounded(value: str) -> str:
 
 def _cut_placeholder(text: str, names: Mapping[str, str]) -> int:
     """The length of a proper prefix of an issued `[LABEL_n]` that ends the text (0 if none)."""
-    start = text.rfind("[", max(0, len(text) - max(len(n) for n in names)))
+    start = text.rfind("[")
     if start < 0:
         return 0
     tail = text[start:]

@@ -130,7 +130,7 @@ def unpack_levels(body: bytes, bits: int, count: int) -> np.ndarray:
     if all_bits[count * bits :].any():
         raise WireFormatError("payload padding bits after the last value are not zero")
     bit_matrix = all_bits[: count * bits].reshape(count, bits)
-    return np.packbits(bit_matrix, axis=1).reshape(-1) >> np.uint8(8 - bits)
+    return np.packbits(bit_matrix, axis=1).ravel() >> np.uint8(8 - bits)
 
 
 def projection_id_bytes(projection_id: str) -> bytes:
@@ -147,7 +147,7 @@ def encode(payload: Payload) -> bytes:
     """Serialise a payload (version 2): header, span table, public ids, packed levels."""
     p = payload.params
     levels = np.asarray(payload.levels)
-    public_ids = np.asarray(payload.public_ids, dtype=np.int64)
+    public_ids = np.asarray(payload.public_ids)
     if levels.ndim != 2 or levels.shape[1] != p.dim:
         raise WireFormatError(f"levels must have shape (tokens, {p.dim}), got {levels.shape}")
     if levels.size and int(levels.max()) > p.levels:
@@ -174,9 +174,10 @@ def _check_settings(bits: int, flags: int, dim: int, clip: float, scale: float, 
         raise WireFormatError(f"unknown flags 0x{flags:04x} for wire version {version}")
     if projections is not None and projection_id not in projections:
         raise WireFormatError(f"unknown projection id {projection_id}; the bundle offers {sorted(projections)}")
-    if dim == 0 or (projections is not None and dim != projections[projection_id]):
-        expected = projections[projection_id] if projections is not None else "at least 1"
-        raise WireFormatError(f"dim k={dim} does not match the projection's k={expected}")
+    if dim == 0:
+        raise WireFormatError("dim k=0: a payload needs k >= 1")
+    if projections is not None and dim != projections[projection_id]:
+        raise WireFormatError(f"dim k={dim} does not match the projection's k={projections[projection_id]}")
     if not (math.isfinite(clip) and math.isfinite(scale) and 0 < clip < scale):
         raise WireFormatError(f"invalid mechanism settings: clip c={clip}, scale A={scale} (need 0 < c < A)")
     if scale > (bound := max_scale(bits, dim, clip)):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import binom, chisquare, norm
 
-from client_sdk.mechanism import MechanismParams, calibrate_scale, dequantize, quantize, secure_rng
+from client_sdk.errors import MechanismError
+from client_sdk.mechanism import (MIN_MU, MechanismParams, calibrate_scale, dequantize, max_scale, quantize,
+                                  secure_rng)
 
 Z = 5.0  # a 5-sigma band: a correct implementation fails about once in 1.7 million checks
 
@@ -74,11 +76,54 @@ def test_fresh_seed_per_call_and_reproducible_test_seed() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(bits=0, dim=4, clip=0.1, scale=1.0), dict(bits=9, dim=4, clip=0.1, scale=1.0),
-     dict(bits=4, dim=0, clip=0.1, scale=1.0), dict(bits=4, dim=4, clip=0.1, scale=0.1),
-     dict(bits=4, dim=4, clip=-1.0, scale=1.0), dict(bits=4, dim=4, clip=0.1, scale=float("inf"))],
+    ("kwargs", "named"),
+    [(dict(bits=0, dim=4, clip=0.1, scale=1.0), "bits"), (dict(bits=9, dim=4, clip=0.1, scale=1.0), "bits"),
+     (dict(bits=4, dim=0, clip=0.1, scale=1.0), "dim"), (dict(bits=4, dim=4, clip=0.1, scale=0.1), "scale"),
+     (dict(bits=4, dim=4, clip=-1.0, scale=1.0), "clip"), (dict(bits=4, dim=4, clip=0.0, scale=1.0), "clip"),
+     (dict(bits=4, dim=4, clip=0.1, scale=float("inf")), "scale")],
 )
-def test_invalid_settings_raise(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_settings_raise_naming_the_setting(kwargs: dict, named: str) -> None:
+    with pytest.raises(MechanismError, match=named):
         MechanismParams(**kwargs)
+
+
+class RecordingRng:
+    """Stands in for the generator: records the binomial's (u, p) and draws level 0."""
+
+    def binomial(self, n: int, p: np.ndarray) -> np.ndarray:
+        self.n, self.p = n, p
+        return np.zeros(np.shape(p), dtype=np.int64)
+
+
+def test_the_levels_are_drawn_with_the_stated_probability_in_double_precision() -> None:
+    params = MechanismParams(bits=3, dim=3, clip=0.25, scale=0.7)
+    rng = RecordingRng()
+    quantize(np.array([[-1.0, 0.1, 0.2]], dtype=np.float32), params, rng)  # float32 in, as a model may give
+    v = np.array([[-0.25, np.float32(0.1), np.float32(0.2)]], dtype=np.float64)
+    assert rng.n == 7 and np.array_equal(rng.p, (params.scale + v) / (2 * params.scale))
+
+
+def test_dequantized_values_are_float32_whatever_the_levels_type() -> None:
+    params = MechanismParams(bits=2, dim=2, clip=0.25, scale=0.5)
+    estimates = dequantize([[0, 3]], params)
+    assert estimates.dtype == np.float32 and estimates.tolist() == [[-0.5, 0.5]]
+
+
+def test_a_scale_float32_holds_exactly_is_kept_and_one_it_cannot_is_rounded_up() -> None:
+    assert MechanismParams(bits=1, dim=1, clip=0.25, scale=0.5).scale == 0.5  # k = 1 is a valid dimension
+    scale = MechanismParams(bits=1, dim=1, clip=0.25, scale=0.1 + 0.5).scale
+    assert scale > 0.6 and scale == np.float32(scale) and np.nextafter(np.float32(scale), np.float32(0)) < 0.6
+
+
+@pytest.mark.parametrize("mu", [MIN_MU / 2, float("inf"), float("nan")])
+def test_calibration_refuses_a_mu_outside_the_calibrated_range(mu: float) -> None:
+    with pytest.raises(MechanismError, match="mu"):
+        calibrate_scale(mu, 4, 8, 0.05)
+    assert calibrate_scale(MIN_MU, 4, 8, 0.05) > 0  # the smallest mu is calibrated
+
+
+def test_the_largest_scale_is_the_one_calibrated_at_the_smallest_mu() -> None:
+    # the wire's bound on A: exactly from_mu's A at MIN_MU (from the float32 clip, rounded up to float32)
+    largest = MechanismParams.from_mu(MIN_MU, bits=4, dim=64, clip=0.05).scale
+    assert max_scale(4, 64, 0.05) == largest
+    assert MechanismParams.from_mu(1.0, bits=4, dim=64, clip=0.05).scale < largest

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from client_sdk.spans import Conversation, Message, Part, as_messages, markup, token_spans
 
@@ -22,6 +22,14 @@ def test_the_default_is_private_throughout() -> None:
     assert Message("user", [("x", True), ("y", False)]).parts() == [Part("x", "noise"), Part("y", "public")]
     with pytest.raises(ValueError):
         Part("x", "blur")
+
+
+@pytest.mark.parametrize("text", ["", " \n"])
+def test_a_blank_placeholder_is_refused(text: str) -> None:
+    # the conversation would replace its text everywhere: between every character of every message
+    with pytest.raises(ValueError):
+        Part(text, "placeholder", "PERSON")
+    assert Part(text, "public").text == text  # blank text is fine when it is not replaced
 
 
 @settings(max_examples=200, deadline=None)
@@ -85,10 +93,13 @@ def test_a_restored_answer_sent_back_as_a_public_turn_keeps_its_values_on_the_de
     assert tokenizer.token_to_id("ann") not in public
 
 
-def word_tokenizer() -> Tokenizer:
+def word_tokenizer(bos: bool = False) -> Tokenizer:
+    """Whole words; with `bos`, encoding with special tokens puts "<s>" (id 0) first, as Llama's tokenizer does."""
     words = ["<s>", "hi", "ann", "smith", "met", "bob", "?", "Ġann"]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<s>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return tokenizer
 
 
@@ -96,3 +107,65 @@ def test_spans_are_tokenized_separately_and_alternate() -> None:
     spans = token_spans(word_tokenizer(), [Message("user", [("hi", False), ("ann smith", True), ("met bob ?", False)])])
     assert [(s.private, s.ids.tolist()) for s in spans] == [(False, [1]), (True, [2, 3]), (False, [4, 5, 6])]
     assert all(isinstance(s.ids, np.ndarray) for s in spans)
+
+
+def test_the_tokenizers_prefix_is_public_once_and_spans_of_one_kind_are_joined() -> None:
+    # the private " " tokenizes to nothing, so the public spans around it become one
+    messages = [Message("system", "hi", public=True), Message("user", " "), Message("user", "bob", public=True),
+                Message("user", "ann")]
+    spans = token_spans(word_tokenizer(bos=True), messages)
+    assert [(s.private, s.ids.tolist()) for s in spans] == [(False, [0, 1, 5]), (True, [2])]
+
+
+def test_markup_leaves_no_empty_parts_between_or_around_marked_text() -> None:
+    assert markup("[[Ann|PERSON]][[555-0100]]") == [Part("Ann", "placeholder", "PERSON"), Part("555-0100", "noise")]
+
+
+def test_each_value_of_a_label_gets_its_own_number() -> None:
+    conversation = Conversation()
+    names = [conversation.public_text(Part(text, "placeholder", label))
+             for text, label in [("Ann", "PERSON"), ("Bath", "CITY"), ("Bob", "PERSON")]]
+    assert names == ["[PERSON_1]", "[CITY_1]", "[PERSON_2]"]
+
+
+def test_known_values_are_matched_as_whole_words_and_each_given_its_treatment() -> None:
+    conversation = Conversation()
+    marked = Message("user", [Part("Bath", "noise"), Part("Ann", "placeholder", "PERSON"),
+                              Part("<ann>", "placeholder", "HANDLE")])
+    later = [Message("user", "Bath, then Ann"), Message("user", "JoAnn wrote to<ann>cc", public=True)]
+    parts = conversation.parts([marked, *later])[1:]
+    # a noised value inside noised text stays noised, and the values after it still get their treatment
+    assert parts[0] == [Part("Bath, then ", "noise"), Part("Ann", "placeholder", "PERSON")]
+    # "Ann" inside "JoAnn" is another word; "<ann>" has no word character at its ends, so no word boundary either
+    assert parts[1] == [Part("JoAnn wrote to", "public"), Part("<ann>", "placeholder", "HANDLE"), Part("cc", "public")]
+
+
+def test_an_answer_that_is_only_a_cut_off_placeholder_is_dropped() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    assert conversation.restore("[PERS") == ""
+
+
+def test_a_part_is_a_part_or_a_text_and_privacy_pair() -> None:
+    with pytest.raises(TypeError):
+        Message("user", [("x", True, "extra")]).parts()
+
+
+def test_a_whole_placeholder_ending_a_chunk_is_restored_at_once() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    restorer = conversation.stream_restorer()
+    assert restorer.feed("Dear [PERSON_1]") == "Dear Ann"  # nothing longer could begin there: not held back
+    assert restorer.feed(", hi [PERSON_") == ", hi " and restorer.flush() == ""
+
+
+def test_a_bare_placeholder_opening_an_answer_is_restored_and_nothing_else_is_cut() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    assert conversation.restore("PERSON_1 said hi") == "Ann said hi"
+
+
+def test_a_placeholder_in_a_url_opening_an_answer_is_not_restored() -> None:
+    conversation = Conversation()
+    conversation.public_text(Part("Ann", "placeholder", "PERSON"))
+    assert conversation.restore("www.Xy.example/[PERSON_1]") == "www.Xy.example/[PERSON_1]"
