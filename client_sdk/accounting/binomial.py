@@ -137,14 +137,21 @@ def tradeoff_curve(n: int, p: float, alpha: np.ndarray) -> np.ndarray:
     return np.interp(alpha, vertex_alpha, vertex_beta)
 
 
+def _probit(log_u: np.ndarray, log_complement: np.ndarray) -> np.ndarray:
+    """Phi^-1(u) from log u and log(1 - u), each taken where it is the smaller one (so computed from its own tail)."""
+    return np.where(log_u <= log_complement, special.ndtri_exp(log_u), -special.ndtri_exp(log_complement))
+
+
 def fitted_gdp_mu(n: int, p: float) -> float:
     """The smallest mu with f >= G_mu everywhere: the exact mechanism is mu-GDP for this mu.
 
     G_mu is convex and f is piecewise linear, so checking f's vertices suffices:
-    mu >= Phi^-1(1 - alpha_x) - Phi^-1(beta_x) at each vertex.
+    mu >= Phi^-1(1 - alpha_x) - Phi^-1(beta_x) at each vertex. Where alpha_x or beta_x is within rounding of 1,
+    its complement is summed from the other tail (1 - alpha_x = P(X >= n+1-x), 1 - beta_x = P(X >= x),
+    X ~ Bin(n, p)), else those vertices would claim a far larger mu.
     """
-    log_alpha = log_type_one_errors(n, 1 - p)
-    log_beta = log_alpha[::-1]
-    inner = slice(1, n + 1)  # x = 0 and x = n+1 are the trivial tests (alpha or beta = 1)
-    needed = -special.ndtri_exp(log_alpha[inner]) - special.ndtri_exp(log_beta[inner])
+    inner = slice(1, n + 1)  # x = 1..n; x = 0 and x = n+1 are the trivial tests (alpha or beta = 1)
+    log_alpha = log_type_one_errors(n, 1 - p)[inner]  # reversed: x -> n+1-x, so log beta_x
+    log_upper = log_type_one_errors(n, p)[inner]  # log P(X >= x)
+    needed = _probit(log_upper[::-1], log_alpha) - _probit(log_alpha[::-1], log_upper)
     return float(np.max(needed))
