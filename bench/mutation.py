@@ -49,7 +49,7 @@ MODULES: dict[str, list[str]] = {
     "client_sdk/spans.py": ["tests/test_spans.py", *CLIENT_TESTS],
     "client_sdk/privatize.py": ["tests/test_wire.py", "tests/test_spans.py", *CLIENT_TESTS],
     "client_sdk/bundle.py": CLIENT_TESTS,
-    "client_sdk/accounting/*.py": ["tests/test_accounting.py", "tests/test_budget.py", "tests/test_policy.py"],
+    "client_sdk/accounting/*.py": ["tests/test_accounting.py"],
     "app/access.py": ["tests/test_keys.py", *(f"tests/test_hardening.py::{name}" for name in (
         "test_forwarded_headers_are_believed_only_from_trusted_proxies",
         "test_failed_authentication_is_throttled_per_address_and_not_audited_past_the_limit",

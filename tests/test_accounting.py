@@ -73,6 +73,7 @@ def test_the_cumulative_accountant_is_never_below_the_exact_composition(mus: tup
     p_max, trials = composition.dominating_group(composition.as_groups(totals))
     assert binomial.epsilon_for_delta(trials, p_max, 1e-5) >= exact - 1e-9  # the bound for large ledgers
     assert composition.fits(composition.as_groups(totals), accountant + 1e-6, 1e-5)
+    assert composition.fits(composition.as_groups(totals), accountant, 1e-5)  # the cap itself is within the cap
     assert not composition.fits(composition.as_groups(totals), exact * 0.99, 1e-5)
 
 
@@ -277,3 +278,25 @@ def test_report_counts_tokens_and_scales_the_prompt_figures() -> None:
     for tokens, public in ((-1, 0), (0, -1)):
         with pytest.raises(ValueError):
             privacy_report(params, tokens=tokens, public_tokens=public)
+
+
+def test_groups_count_only_mechanisms_with_trials_sorted_by_p() -> None:
+    from client_sdk.accounting import composition
+
+    assert composition.as_groups({0.8: 5, 0.6: 3, 0.7: 0}) == ((0.6, 3), (0.8, 5))
+
+
+@pytest.mark.parametrize(("p", "epsilon"), [(0.9, 0.1), (0.75, 1.0), (0.6, 2.0), (0.55, 4.0)])
+def test_max_trials_is_the_largest_count_within_the_cap(p: float, epsilon: float) -> None:
+    """Against delta(epsilon) by brute force for every count up to one past the answer."""
+    from client_sdk.accounting import composition
+
+    def brute_delta(n: int) -> float:
+        x = np.arange(n + 1)
+        return float(np.maximum(stats.binom.pmf(x, n, p) - math.exp(epsilon) * stats.binom.pmf(x, n, 1 - p), 0).sum())
+
+    largest = composition.max_trials(p, epsilon, 1e-5)
+    assert all(brute_delta(n) <= 1e-5 for n in range(1, largest + 1)) and brute_delta(largest + 1) > 1e-5
+    groups = composition.as_groups({p: largest})
+    assert composition.fits(groups, epsilon, 1e-5) != composition.fits(composition.as_groups({p: largest + 1}),
+                                                                        epsilon, 1e-5)
