@@ -58,9 +58,7 @@ def log_sf(n: int, p: float, x: int) -> float:
 
 
 def _log_diff(log_a: float, log_b: float) -> float:
-    """log(exp(log_a) - exp(log_b)) for log_a >= log_b."""
-    if log_b == -math.inf:
-        return log_a
+    """log(exp(log_a) - exp(log_b)) for log_a >= log_b (log_a itself when log_b is -inf, -inf when they are equal)."""
     return log_a + math.log1p(-math.exp(log_b - log_a)) if log_b < log_a else -math.inf
 
 
