@@ -190,6 +190,16 @@ def test_log_sf_matches_scipy_at_every_threshold(n: int, p: float) -> None:
         assert binomial.log_sf(n, p, x) == pytest.approx(expected, rel=1e-10, abs=1e-14)
 
 
+def test_log_sf_of_the_last_outcome_alone_far_in_the_tail() -> None:
+    assert binomial.log_sf(1000, 0.3, 1000) == pytest.approx(1000 * math.log(0.3), rel=1e-12)  # sf underflows
+
+
+def test_log_diff_of_equal_and_of_empty_terms() -> None:
+    assert binomial._log_diff(-2.0, -2.0) == -math.inf
+    assert binomial._log_diff(-2.0, -math.inf) == -2.0
+    assert binomial._log_diff(-math.inf, -math.inf) == -math.inf
+
+
 @pytest.mark.parametrize(("n", "p", "sds"), [(10**6, 0.5, -2.0), (10**6, 0.7, -0.5), (10**8, 0.5, 31.0)])
 def test_log_sf_sums_long_tails_over_several_chunks(n: int, p: float, sds: float) -> None:
     """Below the mean the complement's lower tail, far above it the upper tail (sf < 1e-200) are summed in chunks of
@@ -284,6 +294,7 @@ def test_groups_count_only_mechanisms_with_trials_sorted_by_p() -> None:
     from client_sdk.accounting import composition
 
     assert composition.as_groups({0.8: 5, 0.6: 3, 0.7: 0}) == ((0.6, 3), (0.8, 5))
+    assert composition.fits((), 0.0, 1e-5) and not composition.fits((), -1e-9, 1e-5)  # nothing spent fits a zero cap
 
 
 @pytest.mark.parametrize(("p", "epsilon"), [(0.9, 0.1), (0.75, 1.0), (0.6, 2.0), (0.55, 4.0)])

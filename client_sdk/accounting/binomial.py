@@ -73,9 +73,7 @@ def delta_for_epsilon(n: int, p: float, epsilon: float) -> float:
     threshold = math.floor((epsilon / r + n) / 2) + 1  # smallest x with loss (2x - n) r > epsilon
     log_p_tail = log_sf(n, p, threshold)
     log_q_tail = log_sf(n, 1 - p, threshold)
-    if log_p_tail == -math.inf:
-        return 0.0
-    return math.exp(_log_diff(log_p_tail, epsilon + log_q_tail))
+    return math.exp(_log_diff(log_p_tail, epsilon + log_q_tail))  # 0 when threshold > n: both tails are empty
 
 
 def epsilon_for_delta(n: int, p: float, delta: float) -> float:
