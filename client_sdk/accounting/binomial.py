@@ -58,9 +58,7 @@ def log_sf(n: int, p: float, x: int) -> float:
 
 
 def _log_diff(log_a: float, log_b: float) -> float:
-    """log(exp(log_a) - exp(log_b)) for log_a >= log_b."""
-    if log_b == -math.inf:
-        return log_a
+    """log(exp(log_a) - exp(log_b)) for log_a >= log_b (log_a itself when log_b is -inf, -inf when they are equal)."""
     return log_a + math.log1p(-math.exp(log_b - log_a)) if log_b < log_a else -math.inf
 
 
@@ -75,9 +73,7 @@ def delta_for_epsilon(n: int, p: float, epsilon: float) -> float:
     threshold = math.floor((epsilon / r + n) / 2) + 1  # smallest x with loss (2x - n) r > epsilon
     log_p_tail = log_sf(n, p, threshold)
     log_q_tail = log_sf(n, 1 - p, threshold)
-    if log_p_tail == -math.inf:
-        return 0.0
-    return math.exp(_log_diff(log_p_tail, epsilon + log_q_tail))
+    return math.exp(_log_diff(log_p_tail, epsilon + log_q_tail))  # 0 when threshold > n: both tails are empty
 
 
 def epsilon_for_delta(n: int, p: float, delta: float) -> float:
@@ -137,14 +133,21 @@ def tradeoff_curve(n: int, p: float, alpha: np.ndarray) -> np.ndarray:
     return np.interp(alpha, vertex_alpha, vertex_beta)
 
 
+def _probit(log_u: np.ndarray, log_complement: np.ndarray) -> np.ndarray:
+    """Phi^-1(u) from log u and log(1 - u), each taken where it is the smaller one (so computed from its own tail)."""
+    return np.where(log_u <= log_complement, special.ndtri_exp(log_u), -special.ndtri_exp(log_complement))
+
+
 def fitted_gdp_mu(n: int, p: float) -> float:
     """The smallest mu with f >= G_mu everywhere: the exact mechanism is mu-GDP for this mu.
 
     G_mu is convex and f is piecewise linear, so checking f's vertices suffices:
-    mu >= Phi^-1(1 - alpha_x) - Phi^-1(beta_x) at each vertex.
+    mu >= Phi^-1(1 - alpha_x) - Phi^-1(beta_x) at each vertex. Where alpha_x or beta_x is within rounding of 1,
+    its complement is summed from the other tail (1 - alpha_x = P(X >= n+1-x), 1 - beta_x = P(X >= x),
+    X ~ Bin(n, p)), else those vertices would claim a far larger mu.
     """
-    log_alpha = log_type_one_errors(n, 1 - p)
-    log_beta = log_alpha[::-1]
-    inner = slice(1, n + 1)  # x = 0 and x = n+1 are the trivial tests (alpha or beta = 1)
-    needed = -special.ndtri_exp(log_alpha[inner]) - special.ndtri_exp(log_beta[inner])
+    inner = slice(1, n + 1)  # x = 1..n; x = 0 and x = n+1 are the trivial tests (alpha or beta = 1)
+    log_alpha = log_type_one_errors(n, 1 - p)[inner]  # reversed: x -> n+1-x, so log beta_x
+    log_upper = log_type_one_errors(n, p)[inner]  # log P(X >= x)
+    needed = _probit(log_upper[::-1], log_alpha) - _probit(log_alpha[::-1], log_upper)
     return float(np.max(needed))

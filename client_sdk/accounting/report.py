@@ -57,10 +57,7 @@ def privacy_report(params: MechanismParams, tokens: int = 1, delta: float = DEFA
         raise ValueError(f"token counts must be non-negative, got {tokens} private and {public_tokens} public")
     trials, p = params.levels * params.dim, params.worst_case_p
     eps_token, eps_clt, mu_fit = _per_token(params, delta)
-    if tokens <= 1:
-        eps_prompt = eps_token * tokens
-    else:
-        eps_prompt = binomial.epsilon_for_delta(tokens * trials, p, delta)
+    eps_prompt = binomial.epsilon_for_delta(tokens * trials, p, delta)  # 0 trials (no private token): epsilon 0
     return PrivacyReport(
         bits=params.bits,
         dim=params.dim,
