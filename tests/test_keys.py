@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from app.api import create_app
-from app.access import Throttle
+from app.access import ClientAccess, Throttle, bearer_key
 from app.keys import KeyStore, key_file
 from client_sdk import wire
 from app.cli import cli
@@ -62,6 +63,25 @@ def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings, clock, co
     clock[0] += 0.3
     count(throttle, "a")  # the first event has left the window: one place free
     assert retry_after() == "20"
+
+
+def test_only_the_bearer_scheme_carries_a_key() -> None:
+    assert bearer_key("Bearer veil_1_x") == bearer_key("bearer veil_1_x") == "veil_1_x"
+    assert bearer_key("Basic veil_1_x") is None and bearer_key("Bearer ") is None and bearer_key(None) is None
+    assert bearer_key("Bearer veil_1_x y") == "veil_1_x y"  # all after the scheme: refused as unknown (403), not 401
+
+
+def test_without_keys_a_caller_is_its_address_and_of_no_tenant(settings) -> None:
+    settings.rate_limit_per_minute = 1
+    access = ClientAccess(settings, Throttle(settings))
+    requests = [Request({"type": "http", "headers": [], "client": client})
+                for client in (None, ("198.51.100.7", 40000), None)]  # no peer address (e.g. a Unix socket)
+    access(requests[0])
+    access(requests[1])
+    assert requests[0].state.tenant is None and requests[1].state.tenant is None
+    with pytest.raises(HTTPException) as refused:  # the requests without an address count as one caller
+        access(requests[2])
+    assert refused.value.status_code == 429
 
 
 def create_keys(path: Path, prefix: str, count: int, start: Barrier) -> None:
