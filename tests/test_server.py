@@ -139,11 +139,12 @@ def http(settings, runner):
         yield client
 
 
-def good_payload(http) -> bytes:
+def good_payload(http, *, tokens: int = 3, dim: int = 8, projection_id: str | None = None) -> bytes:
+    """A well-formed private payload (mu 10, n=4) for the served default projection (k=8), or as asked."""
     info = http.get("/v1/bundle").json()
-    params = MechanismParams.from_mu(10.0, bits=4, dim=8, clip=2.0)
-    levels = np.zeros((3, 8), dtype=np.uint8)
-    return wire.encode(wire.Payload(params, info["defaults"]["projection_id"], levels))
+    params = MechanismParams.from_mu(10.0, bits=4, dim=dim, clip=2.0)
+    levels = np.zeros((tokens, dim), dtype=np.uint8)
+    return wire.encode(wire.Payload(params, projection_id or info["defaults"]["projection_id"], levels))
 
 
 @pytest.mark.parametrize(
@@ -168,6 +169,17 @@ def test_bad_requests_get_a_4xx_json_error(http, mutate, params, status, kind) -
                          headers={"Content-Type": "application/octet-stream"})
     assert response.status_code == status, response.text
     assert response.json()["error"] == kind and response.json()["detail"]
+
+
+@pytest.mark.parametrize(("tokens", "dim", "projection_id"), [
+    (65, 8, None),  # over max_prompt_tokens (64), yet under the byte limit (sized for the widest payload)
+    (3, 16, None),  # not the projection's k
+    (3, 8, "00" * 8),  # a projection this server does not serve
+])
+def test_payloads_are_checked_against_what_this_server_serves(http, tokens, dim, projection_id) -> None:
+    body = good_payload(http, tokens=tokens, dim=dim, projection_id=projection_id)
+    response = http.post("/v1/generate", content=body, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 400 and response.json()["error"] == "bad_payload", response.text
 
 
 def test_wrong_content_type_and_unknown_routes(http) -> None:
