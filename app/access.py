@@ -12,7 +12,7 @@ import time
 from typing import Annotated
 
 from fastapi import Header, Request
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from starlette.exceptions import HTTPException
@@ -33,21 +33,22 @@ class Throttle:
         self.requests = RateLimitItemPerMinute(settings.rate_limit_per_minute)
         self.failures = RateLimitItemPerMinute(settings.auth_failures_per_minute)
 
-    def _refuse(self, item, key: str, what: str) -> None:
-        reset = self.limiter.get_window_stats(item, key).reset_time
-        raise HTTPException(429, f"rate limit of {item.amount} {what} a minute",
-                            headers={"Retry-After": str(max(1, round(reset - time.time())))})
+    def _count(self, item: RateLimitItem, namespace: str, caller: str, what: str) -> None:
+        """Count one `namespace` event by `caller`; past the limit of `item`, 429 with Retry-After: the seconds
+        until the caller's oldest event in the window leaves it."""
+        if not self.limiter.hit(item, namespace, caller):
+            reset = self.limiter.get_window_stats(item, namespace, caller).reset_time
+            raise HTTPException(429, f"rate limit of {item.amount} {what} a minute",
+                                headers={"Retry-After": str(max(1, round(reset - time.time())))})
 
     def admit(self, caller: str) -> None:
         """Count one request by `caller` (a key id or an address); 429 with Retry-After past the limit."""
-        if not self.limiter.hit(self.requests, "requests", caller):
-            self._refuse(self.requests, "requests", "requests")
+        self._count(self.requests, "requests", caller, "requests")
 
     def failed(self, address: str) -> None:
         """Count a failed authentication by `address`; past the limit, 429 instead (neither counted nor audited).
         Only failures are throttled: a valid key from the same address still gets in (see SECURITY.md)."""
-        if not self.limiter.hit(self.failures, "auth-failures", address):
-            self._refuse(self.failures, "auth-failures", "failed authentications")
+        self._count(self.failures, "auth-failures", address, "failed authentications")
 
 
 def bearer_key(authorization: str | None) -> str | None:

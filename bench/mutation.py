@@ -59,7 +59,8 @@ MODULES: dict[str, list[str]] = {
         "test_forwarded_headers_are_believed_only_from_trusted_proxies",
         "test_failed_authentication_is_throttled_per_address_and_not_audited_past_the_limit",
         "test_rate_limits_use_the_configured_storage", "test_a_tenants_dp_prompt_is_served_only_to_that_tenants_keys"))],
-    "app/routes/generate.py": ["tests/test_server.py", "tests/test_server_spans.py", "tests/test_keys.py"],
+    "app/routes/generate.py": ["tests/test_server.py", "tests/test_server_spans.py", "tests/test_keys.py",
+                               "tests/test_availability.py"],
     "app/service.py": ["tests/test_server.py", "tests/test_server_spans.py"],
 }
 REQUEST_SIDE = {"app/service.py": [f"app.service.xǁInferenceServiceǁ{name}__mutmut_*" for name in

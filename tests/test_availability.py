@@ -4,9 +4,11 @@ at once, a generation past the deadline is stopped, stop strings are bounded, st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
+from typing import AsyncIterator
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from app.api import create_app
 from app.engine.request import EngineRequest, GenerationParams
 from app.engine.transformers import decode
+from app.routes.generate import CancellingEventSource
 from client_sdk import PrivateLLMClient
 from tests.conftest import LoopbackServer, tiny_runner
 
@@ -99,6 +102,25 @@ def test_batched_streams_whose_clients_go_away_all_stop(long_settings, client_ca
         in_threads(read_one_event, 4)
         assert len(first_events) == 4 and max(steps) > 1  # they did share a batch
         assert assert_stopped(steps) < 150
+
+
+def test_a_stream_whose_client_leaves_before_its_first_event_is_cancelled() -> None:
+    """The event generator never runs (so its own cleanup never does): the response itself sets the cancel."""
+    cancelled = threading.Event()
+
+    async def no_events() -> AsyncIterator[dict]:
+        await asyncio.Event().wait()  # nothing to say yet
+        yield {}
+
+    async def client_gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def discard(message: dict) -> None:
+        pass
+
+    response = CancellingEventSource(no_events(), cancelled)
+    asyncio.run(asyncio.wait_for(response({"type": "http", "method": "POST", "headers": []}, client_gone, discard), 5))
+    assert cancelled.is_set()
 
 
 def test_a_cancelled_row_leaves_its_batch_at_once() -> None:

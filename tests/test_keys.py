@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import numpy as np
 import pytest
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from app.api import create_app
-from app.access import Throttle
+from app.access import ClientAccess, Throttle, bearer_key
 from app.keys import KeyStore, key_file
 from client_sdk import wire
 from app.cli import cli
@@ -31,15 +33,55 @@ def test_keys_are_stored_hashed_and_can_be_revoked(tmp_path) -> None:
     assert KeyStore(tmp_path / "keys.json").verify(key) is None  # persisted
 
 
-def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings) -> None:
-    settings.rate_limit_per_minute = 2
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """time.time() (the rate limiter's clock and Retry-After's) stopped at clock[0], which the test moves."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    return now
+
+
+@pytest.mark.parametrize("count", [Throttle.admit, Throttle.failed], ids=["requests", "failed-authentications"])
+def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings, clock, count) -> None:
+    settings.rate_limit_per_minute = settings.auth_failures_per_minute = 2
     throttle = Throttle(settings)
-    throttle.admit("a")
-    throttle.admit("a")
-    with pytest.raises(HTTPException) as refused:
-        throttle.admit("a")
-    assert refused.value.status_code == 429 and 55 <= int(refused.value.headers["Retry-After"]) <= 60
-    throttle.admit("b")  # per caller
+
+    def retry_after() -> str:
+        with pytest.raises(HTTPException) as refused:
+            count(throttle, "a")
+        assert refused.value.status_code == 429
+        return refused.value.headers["Retry-After"]
+
+    count(throttle, "a")
+    clock[0] += 20
+    count(throttle, "a")
+    clock[0] += 10
+    assert retry_after() == "30"  # when a's first event leaves the window
+    count(throttle, "b")  # per caller
+    clock[0] += 29.8
+    assert retry_after() == "1"  # never 0 (0.2 s left)
+    clock[0] += 0.3
+    count(throttle, "a")  # the first event has left the window: one place free
+    assert retry_after() == "20"
+
+
+def test_only_the_bearer_scheme_carries_a_key() -> None:
+    assert bearer_key("Bearer veil_1_x") == bearer_key("bearer veil_1_x") == "veil_1_x"
+    assert bearer_key("Basic veil_1_x") is None and bearer_key("Bearer ") is None and bearer_key(None) is None
+    assert bearer_key("Bearer veil_1_x y") == "veil_1_x y"  # all after the scheme: refused as unknown (403), not 401
+
+
+def test_without_keys_a_caller_is_its_address_and_of_no_tenant(settings) -> None:
+    settings.rate_limit_per_minute = 1
+    access = ClientAccess(settings, Throttle(settings))
+    requests = [Request({"type": "http", "headers": [], "client": client})
+                for client in (None, ("198.51.100.7", 40000), None)]  # no peer address (e.g. a Unix socket)
+    access(requests[0])
+    access(requests[1])
+    assert requests[0].state.tenant is None and requests[1].state.tenant is None
+    with pytest.raises(HTTPException) as refused:  # the requests without an address count as one caller
+        access(requests[2])
+    assert refused.value.status_code == 429
 
 
 def create_keys(path: Path, prefix: str, count: int, start: Barrier) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 
 import httpx
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.api import create_app
+from app.engine.request import EngineRequest, GenerationParams
 from app.reconstruction import pca_projection
 from app.soft_prompts import save_soft_prompt, select_soft_prompt
 from client_sdk import PrivateLLMClient, wire
@@ -83,7 +85,14 @@ def test_pca_projection_is_exact_at_full_width(runner) -> None:
     assert torch.allclose(z.std(dim=0), torch.ones(8), atol=1e-3)  # whitened
 
 
-def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, client_cache) -> None:
+def spy_on_submit(service, monkeypatch) -> list[EngineRequest]:
+    """The requests `service` hands its backend from now on (the backend still runs them)."""
+    submitted, submit = [], service.backend.submit
+    monkeypatch.setattr(service.backend, "submit", lambda request: submitted.append(request) or submit(request))
+    return submitted
+
+
+def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, client_cache, monkeypatch) -> None:
     with TestClient(create_app(settings, runner=runner)) as http:
         pid = http.get("/v1/bundle").json()["defaults"]["projection_id"]
     for name, mu in (("loose", 50.0), ("strict", 2.0)):
@@ -93,6 +102,7 @@ def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, c
                          runner)
     app = create_app(settings, runner=runner)
     with LoopbackServer(app) as server:
+        submitted = spy_on_submit(app.state.service, monkeypatch)
         # soft prompts are prepended to prompts that are private throughout (chat=False: no public template)
         client = PrivateLLMClient(server.url, cache_dir=client_cache, mu=30.0, policy=PERMISSIVE)
         assert {s.name for s in client.bundle.info.soft_prompts} == {"loose", "strict"}
@@ -106,6 +116,8 @@ def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, c
     # the backend puts the soft prompt before the prompt (its keys and values are cached): tests/test_backends.py
     assert prepared.embeddings.shape[0] == prepared.prompt_tokens and prepared.soft_prompt.embeddings.shape[0] == 3
     prompts = service.catalog.soft_prompts
+    assert [r.prefix.name if r.prefix else None for r in submitted] == ["loose", "strict", None]
+    assert submitted[0].prefix.embeddings is next(s for s in prompts if s.name == "loose").embeddings
     assert select_soft_prompt(prompts, pid, 4, 3.0)[0].name == "strict"
     assert select_soft_prompt(prompts, pid, 2, 3.0) == (None, False)
 
@@ -127,11 +139,12 @@ def http(settings, runner):
         yield client
 
 
-def good_payload(http) -> bytes:
+def good_payload(http, *, tokens: int = 3, dim: int = 8, projection_id: str | None = None) -> bytes:
+    """A well-formed private payload (mu 10, n=4) for the served default projection (k=8), or as asked."""
     info = http.get("/v1/bundle").json()
-    params = MechanismParams.from_mu(10.0, bits=4, dim=8, clip=2.0)
-    levels = np.zeros((3, 8), dtype=np.uint8)
-    return wire.encode(wire.Payload(params, info["defaults"]["projection_id"], levels))
+    params = MechanismParams.from_mu(10.0, bits=4, dim=dim, clip=2.0)
+    levels = np.zeros((tokens, dim), dtype=np.uint8)
+    return wire.encode(wire.Payload(params, projection_id or info["defaults"]["projection_id"], levels))
 
 
 @pytest.mark.parametrize(
@@ -158,6 +171,17 @@ def test_bad_requests_get_a_4xx_json_error(http, mutate, params, status, kind) -
     assert response.json()["error"] == kind and response.json()["detail"]
 
 
+@pytest.mark.parametrize(("tokens", "dim", "projection_id"), [
+    (65, 8, None),  # over max_prompt_tokens (64), yet under the byte limit (sized for the widest payload)
+    (3, 16, None),  # not the projection's k
+    (3, 8, "00" * 8),  # a projection this server does not serve
+])
+def test_payloads_are_checked_against_what_this_server_serves(http, tokens, dim, projection_id) -> None:
+    body = good_payload(http, tokens=tokens, dim=dim, projection_id=projection_id)
+    response = http.post("/v1/generate", content=body, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 400 and response.json()["error"] == "bad_payload", response.text
+
+
 def test_wrong_content_type_and_unknown_routes(http) -> None:
     response = http.post("/v1/generate", content=good_payload(http), headers={"Content-Type": "application/json"})
     assert response.status_code == 415 and response.json()["error"] == "unsupported_media_type"
@@ -170,6 +194,22 @@ def test_openapi_documents_the_binary_body(settings, runner) -> None:
         spec = http.get("/openapi.json").json()
     body = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
     assert body["application/octet-stream"]["schema"]["format"] == "binary"
+
+
+def test_the_blocking_generate_answers_as_the_route_does(http, settings, monkeypatch) -> None:
+    """InferenceService.generate (bench/server.py's) against POST /v1/generate on the same payload (greedy)."""
+    service, body = http.app.state.service, good_payload(http)
+    routed = http.post("/v1/generate", params={"max_new_tokens": 3}, content=body,
+                       headers={"Content-Type": "application/octet-stream"}).json()
+    submitted = spy_on_submit(service, monkeypatch)
+    start, before = time.perf_counter(), time.monotonic()
+    answer = service.generate(service.prepare(body), GenerationParams(max_new_tokens=3))
+    elapsed, after = time.perf_counter() - start, time.monotonic()
+    assert answer.model_dump(exclude={"timings"}) == {k: v for k, v in routed.items() if k != "timings"}
+    assert set(answer.timings) == {"decode", "reconstruct", "generate"}
+    assert all(0 < seconds < elapsed for seconds in answer.timings.values())
+    deadline = submitted[0].deadline - settings.generation_deadline_s
+    assert before <= deadline <= after
 
 
 def test_stop_strings_cut_the_answer(runner) -> None:
@@ -207,8 +247,6 @@ def test_readyz_is_503_until_the_model_is_up(settings, runner) -> None:
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_model(settings, client_cache) -> None:
-    import time
-
     from tests.conftest import tiny_runner
 
     runner = tiny_runner()
