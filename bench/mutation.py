@@ -61,7 +61,8 @@ MODULES: dict[str, list[str]] = {
         "test_rate_limits_use_the_configured_storage", "test_a_tenants_dp_prompt_is_served_only_to_that_tenants_keys"))],
     "app/routes/generate.py": ["tests/test_server.py", "tests/test_server_spans.py", "tests/test_keys.py",
                                "tests/test_availability.py"],
-    "app/service.py": ["tests/test_server.py", "tests/test_server_spans.py"],
+    "app/service.py": ["tests/test_server.py", "tests/test_server_spans.py",
+                       "tests/test_hardening.py::test_a_tenants_dp_prompt_is_served_only_to_that_tenants_keys"],
 }
 REQUEST_SIDE = {"app/service.py": [f"app.service.xǁInferenceServiceǁ{name}__mutmut_*" for name in
                                    ("max_payload_bytes", "prepare", "submit", "generate", "stream", "_response")]}

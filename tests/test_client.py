@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from client_sdk import (AsyncPrivateLLMClient, BudgetExceededError, BudgetLedger, BundleError, Conversation, Part,
                         PolicyError, PrivacyPolicy, PrivateLLMClient, ProtocolError, ServerError, VeilError,
                         default_ledger_path, markup, privacy_report, wire)
+from client_sdk import bundle as bundle_module
 from client_sdk import client as client_module
 from client_sdk.budget import Limits
 from client_sdk.bundle import ClientBundle, sha256_hex
@@ -326,6 +327,12 @@ def test_bundle_files_are_cached_by_hash_and_reverified(server, tmp_path, kind) 
 def test_a_tampered_table_is_refused(server, tmp_path, kind) -> None:
     server.table_bytes = server.table_bytes[:-2] + b"\x00\x01"
     with pytest.raises(BundleError, match="SHA-256"):
+        make_client(server, tmp_path, kind).bundle
+
+
+def test_a_bundle_file_over_its_size_cap_is_refused(server, tmp_path, kind, monkeypatch) -> None:
+    monkeypatch.setattr(bundle_module, "MAX_TABLE_BYTES", len(server.table_bytes) - 1)
+    with pytest.raises(BundleError, match="projected table"):
         make_client(server, tmp_path, kind).bundle
 
 
@@ -714,3 +721,21 @@ def test_an_answer_declaring_more_than_the_cap_is_refused_unread_and_closed(serv
         with pytest.raises(ProtocolError, match="over the limit"):
             client.generate("paris", stream=stream)
     assert body.closed
+
+
+def test_the_given_timeout_reaches_every_request(server, tmp_path, kind) -> None:
+    timeouts = []
+    transport = httpx.MockTransport(
+        lambda request: timeouts.append(request.extensions["timeout"]) or server.handle(request))
+    with make_client(server, tmp_path, kind, transport=transport, timeout=7.5) as client:
+        client.generate("the capital", max_new_tokens=2)
+    assert timeouts and all(t == dict.fromkeys(("connect", "read", "write", "pool"), 7.5) for t in timeouts)
+
+
+def test_an_explicit_projection_is_used_and_an_unknown_one_refused(server, tmp_path, kind) -> None:
+    known = server.info.projections[0].id
+    with make_client(server, tmp_path, kind, projection_id=known) as client:
+        client.generate("the capital", max_new_tokens=2)
+    assert wire.decode(server.generate_requests()[-1].content, vocab_size=len(WORDS)).projection_id == known
+    with make_client(server, tmp_path, kind, projection_id="00" * 8) as client, pytest.raises(BundleError):
+        client.generate("the capital", max_new_tokens=2)

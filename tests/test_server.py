@@ -110,7 +110,8 @@ def test_soft_prompt_is_prepended_and_selected_by_nearest_mu(settings, runner, c
         assert (answer.soft_prompt, answer.soft_prompt_mu, answer.soft_prompt_exact) == ("loose", 50.0, False)
         strict = PrivateLLMClient(server.url, cache_dir=client_cache, mu=2.0)
         assert strict.generate("hello", max_new_tokens=2, chat=False).soft_prompt_exact
-        assert strict.generate("hello", max_new_tokens=2).soft_prompt is None  # a public chat template: none
+        templated = strict.generate("hello", max_new_tokens=2)  # a public chat template: no soft prompt
+        assert (templated.soft_prompt, templated.soft_prompt_exact) == (None, False)
         service = app.state.service
         prepared = service.prepare(client.prepare("hello", chat=False).payload)
     # the backend puts the soft prompt before the prompt (its keys and values are cached): tests/test_backends.py
@@ -178,6 +179,16 @@ def test_bad_requests_get_a_4xx_json_error(http, mutate, params, status, kind) -
 ])
 def test_payloads_are_checked_against_what_this_server_serves(http, tokens, dim, projection_id) -> None:
     body = good_payload(http, tokens=tokens, dim=dim, projection_id=projection_id)
+    response = http.post("/v1/generate", content=body, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 400 and response.json()["error"] == "bad_payload", response.text
+
+
+def test_a_public_id_outside_the_vocabulary_is_a_bad_payload(http) -> None:
+    vocab = http.app.state.service.runner.input_embeddings.shape[0]
+    params = MechanismParams.from_mu(10.0, bits=4, dim=8, clip=2.0)
+    body = wire.encode(wire.Payload(params, http.get("/v1/bundle").json()["defaults"]["projection_id"],
+                                    np.zeros((1, 8), dtype=np.uint8), public_ids=np.array([vocab]),
+                                    spans=(wire.Span(False, 1), wire.Span(True, 1))))
     response = http.post("/v1/generate", content=body, headers={"Content-Type": "application/octet-stream"})
     assert response.status_code == 400 and response.json()["error"] == "bad_payload", response.text
 
