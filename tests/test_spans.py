@@ -68,6 +68,15 @@ def test_a_placeholder_the_conversation_never_issued_is_not_restored() -> None:
     assert later.restore("[PERSON_1] [PLACE_1]") == "[PERSON_1] [PLACE_1]"
 
 
+def test_the_longest_known_value_is_replaced_first() -> None:
+    """The shorter "Ann" must not claim the start of "Ann Smith": " Smith" would be sent in the clear."""
+    conversation = Conversation()
+    conversation.parts([Message("user", markup("[[Ann|PERSON]] and [[Ann Smith|PERSON]]"))])
+    parts = conversation.parts([Message("system", "Ann Smith called Ann.", public=True)])[0]
+    assert parts == [Part("Ann Smith", "placeholder", "PERSON"), Part(" called ", "public"),
+                     Part("Ann", "placeholder", "PERSON"), Part(".", "public")]
+
+
 def test_a_marked_value_gets_its_treatment_everywhere_in_the_conversation() -> None:
     conversation = Conversation()
     messages = [Message("system", "Ann Smith's assistant. Bath is home. Annabel and Bathsheba are not.", public=True),
