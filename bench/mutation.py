@@ -203,34 +203,47 @@ def summarize(run: dict, equivalent: dict[str, str]) -> dict:
     survivors = [{"mutant": name, "status": status, "reason": reason_for(name, run["diffs"][name], equivalent),
                   "diff": run["diffs"][name]}
                  for name, status in sorted(run["statuses"].items()) if status in ("survived", "no tests")]
-    explained = sum(s["reason"] != "UNEXPLAINED" for s in survivors)
-    return {"mutants": len(run["statuses"]), "checked": checked, "counts": dict(counts), "killed": caught,
-            "score": round(caught / checked, 4) if checked else None,
-            "score_with_explained": round((caught + explained) / checked, 4) if checked else None,
-            "unexplained": len(survivors) - explained, "minutes": run["minutes"],
-            "stopped_early": run["stopped_early"], "survivors": survivors}
+    return rescored({"mutants": len(run["statuses"]), "checked": checked, "counts": dict(counts), "killed": caught,
+                     "score": round(caught / checked, 4) if checked else None, "minutes": run["minutes"],
+                     "stopped_early": run["stopped_early"], "survivors": survivors})
+
+
+def rescored(r: dict) -> dict:
+    """`r` with the scores that depend on its survivors' reasons: counting the explained ones as caught, and leaving
+    the equivalent ones out of the mutants (the usual mutation score: an equivalent mutant is no bug to catch)."""
+    explained = sum(s["reason"] != "UNEXPLAINED" for s in r["survivors"])
+    equivalent = sum(s["reason"].startswith("equivalent") for s in r["survivors"])
+    r["unexplained"] = len(r["survivors"]) - explained
+    r["equivalent"] = equivalent
+    r["score_with_explained"] = round((r["killed"] + explained) / r["checked"], 4) if r["checked"] else None
+    r["score_without_equivalent"] = round(r["killed"] / (r["checked"] - equivalent), 4) if r["checked"] else None
+    return r
 
 
 def write_table(results: dict) -> None:
     lines = ["# Mutation score of the privacy-critical modules (mutmut 3)", "",
              ("Reproduce: `python -m app.cli bench mutation` (after), "
               "`python -m app.cli bench mutation --label before --tests-ref 7f3407a` (before, the tests before issue 26)."),
-             "Score = (killed + timeouts) / checked; explained = also counting survivors with a stated reason.", "",
-             ("| module | label | mutants | checked | killed | survived | no tests | not run | score | explained | "
-              "unexplained | minutes |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("Score = (killed + timeouts) / checked; without equivalent = killed / (checked - equivalent survivors), "
+              "the usual mutation score; explained = also counting survivors with a stated reason (equivalent or "
+              "harmless)."), "",
+             ("| module | label | mutants | checked | killed | survived | no tests | not run | score | "
+              "without equivalent | explained | unexplained | minutes |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, modules in sorted(results.items(), key=lambda kv: kv[0] != "before"):
         total = Counter()
         for module, r in modules.items():
             c = r["counts"]
             lines.append(f"| {module} | {label} | {r['mutants']} | {r['checked']} | {r['killed']} | "
                          f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('not run', 0)} | "
-                         f"{r['score']:.1%} | {r['score_with_explained']:.1%} | {r['unexplained']} | {r['minutes']}"
-                         f"{' (stopped)' if r['stopped_early'] else ''} |")
-            total.update({k: r[k] for k in ("mutants", "checked", "killed", "unexplained")})
+                         f"{r['score']:.1%} | {r['score_without_equivalent']:.1%} | {r['score_with_explained']:.1%} | "
+                         f"{r['unexplained']} | {r['minutes']}{' (stopped)' if r['stopped_early'] else ''} |")
+            total.update({k: r[k] for k in ("mutants", "checked", "killed", "unexplained", "equivalent")})
             total["explained"] += sum(s["reason"] != "UNEXPLAINED" for s in r["survivors"])
         if total["checked"]:
             lines.append(f"| **all** | {label} | {total['mutants']} | {total['checked']} | {total['killed']} | | | | "
                          f"{total['killed'] / total['checked']:.1%} | "
+                         f"{total['killed'] / (total['checked'] - total['equivalent']):.1%} | "
                          f"{(total['killed'] + total['explained']) / total['checked']:.1%} | {total['unexplained']} | |")
     after = results.get("after", {})
     lines += ["", "## Surviving mutants (after)", ""]
@@ -258,9 +271,7 @@ def main() -> None:
             for module, r in modules.items():
                 for s in r["survivors"]:
                     s["reason"] = reason_for(s["mutant"], s["diff"], equivalent)
-                explained = sum(s["reason"] != "UNEXPLAINED" for s in r["survivors"])
-                r["unexplained"] = len(r["survivors"]) - explained
-                r["score_with_explained"] = round((r["killed"] + explained) / r["checked"], 4) if r["checked"] else None
+                rescored(r)
         save(results)
         return
     for module in args.module or list(MODULES):

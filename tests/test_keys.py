@@ -41,8 +41,9 @@ def clock(monkeypatch) -> list[float]:
     return now
 
 
-@pytest.mark.parametrize("count", [Throttle.admit, Throttle.failed], ids=["requests", "failed-authentications"])
-def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings, clock, count) -> None:
+@pytest.mark.parametrize("count, what", [(Throttle.admit, "requests"), (Throttle.failed, "failed authentications")],
+                         ids=["requests", "failed-authentications"])
+def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings, clock, count, what) -> None:
     settings.rate_limit_per_minute = settings.auth_failures_per_minute = 2
     throttle = Throttle(settings)
 
@@ -50,6 +51,7 @@ def test_the_rate_limit_counts_per_caller_in_a_moving_minute(settings, clock, co
         with pytest.raises(HTTPException) as refused:
             count(throttle, "a")
         assert refused.value.status_code == 429
+        assert refused.value.detail == f"rate limit of 2 {what} a minute"  # says which limit was hit
         return refused.value.headers["Retry-After"]
 
     count(throttle, "a")
@@ -131,8 +133,11 @@ def test_the_server_requires_valid_keys_and_answers_429_past_the_rate(settings, 
     _, key = store.create("app")
     good = {"Authorization": f"Bearer {key}"}
     with TestClient(create_app(settings, runner=runner)) as http:
-        assert http.get("/v1/bundle").status_code == 401
-        assert http.get("/v1/bundle", headers={"Authorization": "Bearer veil_1234abcd_nope"}).status_code == 403
+        missing = http.get("/v1/bundle")
+        assert missing.status_code == 401
+        assert missing.json()["detail"] == "API key required: Authorization: Bearer <key>"  # says how to send one
+        unknown = http.get("/v1/bundle", headers={"Authorization": "Bearer veil_1234abcd_nope"})
+        assert unknown.status_code == 403 and unknown.json()["detail"] == "unknown or revoked API key"
         body = payload(http, good)  # request 1 of 4
         generated = http.post("/v1/generate", params={"max_new_tokens": 2}, content=body,
                               headers={**good, "content-type": "application/octet-stream"})

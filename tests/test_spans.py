@@ -1,11 +1,15 @@
 """What is private: parts, markup, placeholders restored across any chunking, tokenization span by span."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from client_sdk.errors import BundleError
 from client_sdk.spans import Conversation, Message, Part, as_messages, markup, token_spans
 
 
@@ -178,3 +182,65 @@ def test_a_placeholder_in_a_url_opening_an_answer_is_not_restored() -> None:
     conversation = Conversation()
     conversation.public_text(Part("Ann", "placeholder", "PERSON"))
     assert conversation.restore("www.Xy.example/[PERSON_1]") == "www.Xy.example/[PERSON_1]"
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """Whole words with the space before a word in its token ("Ġann"), as byte-level BPE tokenizers have it."""
+    words = ["<unk>", "hi", "ann", "Ġann", "Ġ", "Ċ", "BOX"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tokenizer
+
+
+@pytest.mark.parametrize("parts, expected", [
+    # the space before a private word is sent with it, as one token, at the last boundary of a prompt too
+    ([("hi ", False), ("ann", True)], [(False, ["hi"]), (True, ["Ġann"])]),
+    ([("hi ", False), ("", True), ("ann", True)], [(False, ["hi"]), (True, ["Ġann"])]),  # an empty part is skipped
+    # only spaces move: a newline stays public, and so does the public text before the spaces, whatever it is
+    ([("hi\n", False), ("ann", True)], [(False, ["hi", "Ċ"]), (True, ["ann"])]),
+    ([("BOX ", False), ("ann", True), ("hi", False)], [(False, ["BOX"]), (True, ["Ġann"]), (False, ["hi"])]),
+    ([("ann", True), (" ", False)], [(True, ["ann"]), (False, ["Ġ"])]),  # a private span keeps its own spaces
+])
+def test_spaces_before_a_private_span_move_into_it_and_nothing_else_does(parts: list, expected: list) -> None:
+    tokenizer = byte_level_tokenizer()
+    spans = token_spans(tokenizer, [Message("user", parts)])
+    assert [(s.private, [tokenizer.id_to_token(i) for i in s.ids]) for s in spans] == expected
+
+
+TEMPLATE = "{{ bos_token }} {% for m in messages %}{{ m.role }} {{ m.content }} {{ eos_token }} {% endfor %}"
+
+
+def render_with(template: str):
+    return ImmutableSandboxedEnvironment().from_string(template)
+
+
+def test_the_template_gets_the_bundles_bos_and_eos_text_and_none_by_default() -> None:
+    tokenizer, messages = word_tokenizer(), [Message("hi", "ann")]
+    spans = token_spans(tokenizer, messages, template=render_with(TEMPLATE), bos="bob", eos="?")
+    assert [(s.private, s.ids.tolist()) for s in spans] == [(False, [5, 1]), (True, [2]), (False, [6])]
+    spans = token_spans(tokenizer, messages, template=render_with(TEMPLATE))  # "" by default: no unknown words
+    assert [(s.private, s.ids.tolist()) for s in spans] == [(False, [1]), (True, [2])]
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{{ m.content }}{{ m.content }}{% endfor %}",  # each content twice
+    "{% for m in messages %}{% if loop.first %}{{ m.content }}{% endif %}{% endfor %}",  # one left out
+    "{% for m in messages|reverse %}{{ m.content }}{% endfor %}",  # out of order
+])
+def test_a_template_that_does_not_place_each_message_once_in_order_is_refused(template: str) -> None:
+    message = ("the chat template does not place each message's content once, in order; "
+               "it cannot be split into public and private spans")
+    with pytest.raises(BundleError, match=f"^{re.escape(message)}$"):
+        token_spans(word_tokenizer(), [Message("user", "ann"), Message("user", "bob")], template=render_with(template))
+
+
+def test_messages_are_kept_as_given_and_bad_prompts_are_refused_with_the_reason() -> None:
+    given_messages = [Message("system", "hi", public=True), Message("user", [("ann", True)])]
+    assert as_messages(given_messages) == given_messages
+    assert as_messages([{"role": "system", "content": "hi", "public": True}]) == given_messages[:1]
+    with pytest.raises(ValueError, match="no messages"):
+        as_messages([])
+    with pytest.raises(ValueError, match="says what is private itself; do not also mark it public"):
+        Message("user", [("ann", True)], public=True).parts()
+    with pytest.raises(TypeError, match=re.escape("a part is a Part or a (text, private) tuple, got 'ann'")):
+        Message("user", ["ann"]).parts()
