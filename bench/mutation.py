@@ -233,7 +233,7 @@ def write_table(results: dict) -> None:
     for label, modules in sorted(results.items(), key=lambda kv: kv[0] != "before"):
         total = Counter()
         for module, r in modules.items():
-            c = r["counts"]
+            c, r = r["counts"], rescored(r)
             lines.append(f"| {module} | {label} | {r['mutants']} | {r['checked']} | {r['killed']} | "
                          f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('not run', 0)} | "
                          f"{r['score']:.1%} | {r['score_without_equivalent']:.1%} | {r['score_with_explained']:.1%} | "

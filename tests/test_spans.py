@@ -24,14 +24,16 @@ def test_the_default_is_private_throughout() -> None:
     assert as_messages("a [[b]] c")[0].parts() == [Part("a [[b]] c", "noise")]  # markup only when asked for
     assert Message("system", "be brief", public=True).parts() == [Part("be brief", "public")]
     assert Message("user", [("x", True), ("y", False)]).parts() == [Part("x", "noise"), Part("y", "public")]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown treatment 'blur'; use 'noise', 'placeholder' or 'public'"):
         Part("x", "blur")
+    with pytest.raises(ValueError, match=re.escape("placeholder label must match [A-Z][A-Z0-9_]*, got 'person'")):
+        Part("x", "placeholder", "person")
 
 
 @pytest.mark.parametrize("text", ["", " \n"])
 def test_a_blank_placeholder_is_refused(text: str) -> None:
     # the conversation would replace its text everywhere: between every character of every message
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a placeholder's text must not be empty or only whitespace"):
         Part(text, "placeholder", "PERSON")
     assert Part(text, "public").text == text  # blank text is fine when it is not replaced
 
@@ -192,18 +194,21 @@ def byte_level_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-@pytest.mark.parametrize("parts, expected", [
+@pytest.mark.parametrize("messages, expected", [
     # the space before a private word is sent with it, as one token, at the last boundary of a prompt too
-    ([("hi ", False), ("ann", True)], [(False, ["hi"]), (True, ["Ġann"])]),
-    ([("hi ", False), ("", True), ("ann", True)], [(False, ["hi"]), (True, ["Ġann"])]),  # an empty part is skipped
+    ([Message("user", [("hi ", False), ("ann", True)])], [(False, ["hi"]), (True, ["Ġann"])]),
+    # an empty message is skipped, and what follows it still sent
+    ([Message("user", "hi ", public=True), Message("user", ""), Message("user", "ann")],
+     [(False, ["hi"]), (True, ["Ġann"])]),
     # only spaces move: a newline stays public, and so does the public text before the spaces, whatever it is
-    ([("hi\n", False), ("ann", True)], [(False, ["hi", "Ċ"]), (True, ["ann"])]),
-    ([("BOX ", False), ("ann", True), ("hi", False)], [(False, ["BOX"]), (True, ["Ġann"]), (False, ["hi"])]),
-    ([("ann", True), (" ", False)], [(True, ["ann"]), (False, ["Ġ"])]),  # a private span keeps its own spaces
+    ([Message("user", [("hi\n", False), ("ann", True)])], [(False, ["hi", "Ċ"]), (True, ["ann"])]),
+    ([Message("user", [("BOX ", False), ("ann", True), ("hi", False)])],
+     [(False, ["BOX"]), (True, ["Ġann"]), (False, ["hi"])]),
+    ([Message("user", [("ann", True), (" ", False)])], [(True, ["ann"]), (False, ["Ġ"])]),  # private keeps its own
 ])
-def test_spaces_before_a_private_span_move_into_it_and_nothing_else_does(parts: list, expected: list) -> None:
+def test_spaces_before_a_private_span_move_into_it_and_nothing_else_does(messages: list, expected: list) -> None:
     tokenizer = byte_level_tokenizer()
-    spans = token_spans(tokenizer, [Message("user", parts)])
+    spans = token_spans(tokenizer, messages)
     assert [(s.private, [tokenizer.id_to_token(i) for i in s.ids]) for s in spans] == expected
 
 
