@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import json
+import multiprocessing
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -55,6 +56,7 @@ class FakeServer:
             defaults=MechanismDefaults(projection_id=pid, bits=4, mu=5.0),
         )
         self.decode_dim = DIM
+        self.more_tables: dict[str, bytes] = {}  # table URL -> file, for projections added after the first
         self.chunks = ["par", "is"]
         self.stream_error: dict | None = None
         self.requests: list[httpx.Request] = []
@@ -69,10 +71,12 @@ class FakeServer:
             return httpx.Response(200, content=self.tokenizer_bytes)
         if path == self.info.projections[0].table_url:
             return httpx.Response(200, content=self.table_bytes)
+        if path in self.more_tables:
+            return httpx.Response(200, content=self.more_tables[path])
         if path == "/v1/generate":
+            dims = {p.id: p.dim for p in self.info.projections} | {self.info.projections[0].id: self.decode_dim}
             try:
-                payload = wire.decode(request.content, projections={self.info.projections[0].id: self.decode_dim},
-                                      vocab_size=len(WORDS))
+                payload = wire.decode(request.content, projections=dims, vocab_size=len(WORDS))
             except wire.WireFormatError as err:
                 return httpx.Response(400, json={"error": "bad_payload", "detail": str(err)})
             self.received.append(payload)
@@ -86,6 +90,17 @@ class FakeServer:
                 return httpx.Response(200, content=body.encode(), headers={"Content-Type": "text/event-stream"})
             return httpx.Response(200, json=answer.model_dump())
         return httpx.Response(404, json={"error": "not_found", "detail": path})
+
+    def add_projection(self, dim: int, clip: float) -> str:
+        """Serve a second projected table (not the default); returns its id."""
+        table = np.random.default_rng(dim).normal(scale=clip, size=(len(WORDS), dim)).astype(np.float16)
+        content = save({"table": table})
+        pid = sha256_hex(content)[:16]
+        url = f"/v1/bundle/projections/{pid}"
+        self.more_tables[url] = content
+        self.info.projections.append(ProjectionInfo(id=pid, dim=dim, clip=clip, table_url=url,
+                                                    table_sha256=sha256_hex(content)))
+        return pid
 
     def generate_requests(self) -> list[httpx.Request]:
         return [r for r in self.requests if r.url.path == "/v1/generate"]
@@ -326,7 +341,7 @@ def test_bundle_files_are_cached_by_hash_and_reverified(server, tmp_path, kind) 
 
 def test_a_tampered_table_is_refused(server, tmp_path, kind) -> None:
     server.table_bytes = server.table_bytes[:-2] + b"\x00\x01"
-    with pytest.raises(BundleError, match="SHA-256"):
+    with pytest.raises(BundleError, match=f"^projected table {server.info.projections[0].id}: SHA-256"):
         make_client(server, tmp_path, kind).bundle
 
 
@@ -540,13 +555,18 @@ def test_the_generation_settings_are_sent_as_query_parameters(server, tmp_path, 
 
 
 def test_a_prompt_is_charged_to_its_budget_key_under_the_policys_limits(server, tmp_path, kind) -> None:
-    with make_client(server, tmp_path, kind, budget_key="team") as client:
-        client.generate("paris")
+    # not the ledger's default delta, so that the policy's is seen to reach the ledger and the report
+    policy = PrivacyPolicy(epsilon_per_token=1e9, epsilon_per_prompt=5e9, epsilon_total=7e9, delta=1e-7)
+    with make_client(server, tmp_path, kind, budget_key="team", policy=policy) as client:
+        result = client.generate("paris")
         client.generate("paris", budget_key="alice")
         spent = {key: client.ledger.spent(key).charges for key in ("default", "team", "alice")}
-        limits = client.ledger.limits("alice")
+        limits = {key: client.ledger.limits(key) for key in ("team", "alice")}
     assert spent == {"default": 0, "team": 1, "alice": 1}
-    assert (limits.total_epsilon, limits.delta) == (POLICY.epsilon_total, POLICY.delta)
+    assert limits == dict.fromkeys(("team", "alice"), Limits(per_prompt_epsilon=5e9, total_epsilon=7e9, delta=1e-7))
+    params = wire.decode(server.generate_requests()[0].content).params
+    assert result.privacy.delta == 1e-7
+    assert result.privacy.epsilon == pytest.approx(privacy_report(params, 1, 1e-7).epsilon)
 
 
 def test_a_prompt_exactly_at_the_per_prompt_cap_is_sent(server, tmp_path, kind) -> None:
@@ -739,3 +759,53 @@ def test_an_explicit_projection_is_used_and_an_unknown_one_refused(server, tmp_p
     assert wire.decode(server.generate_requests()[-1].content, vocab_size=len(WORDS)).projection_id == known
     with make_client(server, tmp_path, kind, projection_id="00" * 8) as client, pytest.raises(BundleError):
         client.generate("the capital", max_new_tokens=2)
+
+
+def test_an_explicit_projection_other_than_the_default_is_the_one_used(server, tmp_path, kind) -> None:
+    other = server.add_projection(dim=8, clip=0.1)
+    with make_client(server, tmp_path, kind, projection_id=other, mu=5.0,
+                     policy=PrivacyPolicy(epsilon_per_token=1e9)) as client:
+        client.generate("the capital", max_new_tokens=2)
+    payload = wire.decode(server.generate_requests()[-1].content, vocab_size=len(WORDS))
+    assert (payload.projection_id, payload.params) == (other, MechanismParams.from_mu(5.0, bits=4, dim=8, clip=0.1))
+
+
+def test_a_client_without_a_key_sends_no_authorization(server, tmp_path, kind) -> None:
+    with make_client(server, tmp_path, kind) as client:
+        client.generate("the capital", max_new_tokens=2)
+    assert server.requests and all("authorization" not in r.headers for r in server.requests)
+
+
+def test_a_chat_template_the_app_vetted_is_rendered(server, tmp_path, kind) -> None:
+    server.info.chat_template = TEMPLATE.replace("<|im_end|> ", "<|im_end|>  ")  # not one the SDK ships
+    with make_client(server, tmp_path, kind) as client, pytest.raises(BundleError, match="chat template"):
+        client.generate("the capital of france is")
+    with make_client(server, tmp_path, kind, chat_templates=[server.info.chat_template]) as client:
+        client.generate("the capital of france is")
+    payload = wire.decode(server.generate_requests()[-1].content, vocab_size=len(WORDS))
+    assert [(s.private, s.length) for s in payload.spans] == [(False, 2), (True, 5), (False, 3)]
+
+
+def test_bundle_metadata_over_its_size_cap_is_refused(server, tmp_path, kind, monkeypatch) -> None:
+    monkeypatch.setattr(client_module, "MAX_BUNDLE_INFO_BYTES", 100)
+    with pytest.raises(BundleError, match="^the bundle: the server's answer"):
+        make_client(server, tmp_path, kind).bundle
+
+
+def _prepare_in_child(client: PrivateLLMClient, out) -> None:
+    out.send(client.prepare("the capital of france is").payload)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs os.fork")
+def test_a_forked_unseeded_client_never_repeats_the_parents_noise(server, tmp_path) -> None:
+    # a generator made once and copied into a child by fork would give both the same draws: the difference of two
+    # prompts' levels would then cancel the noise. An unseeded client draws a fresh OS seed for each prompt.
+    with make_client(server, tmp_path) as client:
+        client.bundle  # fetched before the fork
+        receive, send = multiprocessing.Pipe(duplex=False)
+        child = multiprocessing.get_context("fork").Process(target=_prepare_in_child, args=(client, send))
+        child.start()
+        mine = client.prepare("the capital of france is").payload
+        theirs = receive.recv()
+        child.join(timeout=60)
+    assert child.exitcode == 0 and mine != theirs
