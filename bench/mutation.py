@@ -254,9 +254,18 @@ def write_table(results: dict) -> None:
     TABLE.write_text("\n".join(lines) + "\n")
 
 
+def module_name(value: str) -> str:
+    """A --module value as a key of MODULES: the key itself, or a file its pattern covers (from an unquoted glob)."""
+    for name in MODULES:
+        if fnmatch.fnmatch(value, name):
+            return name
+    raise argparse.ArgumentTypeError(f"{value!r} is not one of the modules mutated: {', '.join(MODULES)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="veil bench mutation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--module", action="append", choices=list(MODULES), help="default: every module")
+    parser.add_argument("--module", action="append", type=module_name,
+                        help=f"one of {', '.join(MODULES)} (default: every one)")
     parser.add_argument("--label", default="after", help="the results' label (e.g. before, after)")
     parser.add_argument("--tests-ref", help="git ref whose tests/ to run (default: the working tree's)")
     parser.add_argument("--max-minutes", type=float, default=20.0, help="stop a module after this long")
@@ -274,7 +283,7 @@ def main() -> None:
                 rescored(r)
         save(results)
         return
-    for module in args.module or list(MODULES):
+    for module in dict.fromkeys(args.module or MODULES):  # an unquoted glob expands to several files of one module
         print(f"{module}: mutating ({args.label})", flush=True)
         summary = summarize(run_module(module, args.tests_ref, args.max_minutes, args.max_children), equivalent)
         results.setdefault(args.label, {})[module] = summary

@@ -1,6 +1,10 @@
 """How `veil bench mutation` classifies surviving mutants and scores a module."""
 
-from bench.mutation import reason_for, rescored
+import argparse
+
+import pytest
+
+from bench.mutation import module_name, reason_for, rescored
 
 
 def diff(removed: str, added: str, context: str = "") -> str:
@@ -44,3 +48,11 @@ def test_equivalent_survivors_leave_the_score_and_explained_ones_count_as_caught
     assert (r["equivalent"], r["unexplained"]) == (1, 1)
     assert r["score_without_equivalent"] == round(17 / 19, 4)
     assert r["score_with_explained"] == round(19 / 20, 4)
+
+
+def test_a_module_is_named_by_its_key_or_by_a_file_of_it() -> None:
+    assert module_name("client_sdk/accounting/*.py") == module_name("client_sdk/accounting/binomial.py") == \
+        "client_sdk/accounting/*.py"  # what the shell makes of an unquoted glob
+    assert module_name("app/access.py") == "app/access.py"
+    with pytest.raises(argparse.ArgumentTypeError, match="not one of the modules mutated"):
+        module_name("app/admin.py")
