@@ -264,7 +264,7 @@ def module_name(value: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="veil bench mutation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--module", action="append", type=module_name,
+    parser.add_argument("--module", action="extend", nargs="+", type=module_name,
                         help=f"one of {', '.join(MODULES)} (default: every one)")
     parser.add_argument("--label", default="after", help="the results' label (e.g. before, after)")
     parser.add_argument("--tests-ref", help="git ref whose tests/ to run (default: the working tree's)")
