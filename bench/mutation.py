@@ -233,7 +233,7 @@ def write_table(results: dict) -> None:
     for label, modules in sorted(results.items(), key=lambda kv: kv[0] != "before"):
         total = Counter()
         for module, r in modules.items():
-            c, r = r["counts"], rescored(r)
+            c = r["counts"]
             lines.append(f"| {module} | {label} | {r['mutants']} | {r['checked']} | {r['killed']} | "
                          f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('not run', 0)} | "
                          f"{r['score']:.1%} | {r['score_without_equivalent']:.1%} | {r['score_with_explained']:.1%} | "
@@ -280,7 +280,6 @@ def main() -> None:
             for module, r in modules.items():
                 for s in r["survivors"]:
                     s["reason"] = reason_for(s["mutant"], s["diff"], equivalent)
-                rescored(r)
         save(results)
         return
     for module in dict.fromkeys(args.module or MODULES):  # an unquoted glob expands to several files of one module
@@ -294,6 +293,10 @@ def main() -> None:
 
 
 def save(results: dict) -> None:
+    """Write the results (every module's scores recomputed from its survivors' reasons) and the table."""
+    for modules in results.values():
+        for r in modules.values():
+            rescored(r)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
